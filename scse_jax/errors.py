@@ -1,0 +1,17 @@
+"""The package's own exception types: every error raised on purpose is one of these."""
+
+
+class ScseError(Exception):
+    """Base class of every error the package raises on purpose."""
+
+
+class DataError(ScseError):
+    """A data file or folder is missing, malformed, too large or inconsistent."""
+
+
+class ConfigError(ScseError):
+    """A configuration value is invalid."""
+
+
+class CheckpointError(ScseError):
+    """A checkpoint is missing, corrupt or does not match the configuration."""
