@@ -15,3 +15,7 @@ class ConfigError(ScseError):
 
 class CheckpointError(ScseError):
     """A checkpoint is missing, corrupt or does not match the configuration."""
+
+
+class TrainingError(ScseError):
+    """Training cannot go on (for example a non-finite loss)."""

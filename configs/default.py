@@ -1,0 +1,65 @@
+"""Every field of a run, with the paper's recipe as the default.
+
+Roy, Navab & Wachinger (IEEE TMI 2019) blocks in a U-Net trained as in the CHAOS report:
+Adam at 0.004 halved every 4 epochs, batch 20, weighted cross entropy plus Dice.
+
+    python launch.py --config configs/default.py
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.data = data = ml_collections.ConfigDict()
+    data.root = ""  # CHAOS tree, case folder or CHAOST2 NIfTI folder; "" = built-in synthetic data
+    data.modality = "MR"  # "CT" (liver) or "MR" (liver, kidneys, spleen)
+    data.sequences = ("T2SPIR",)  # MR: any of T2SPIR, T1DUAL_InPhase, T1DUAL_OutPhase; CT: ("CT",)
+    data.image_size = 256  # training grid side in pixels; divisible by 16
+    data.num_folds = 5  # patient-wise folds; the held-out fold is the test set
+    data.fold = 0  # which fold is held out for testing
+    data.num_val_patients = 1  # patients taken from the training folds for validation
+    data.split_seed = 0  # seed of the patient shuffle before the folds are cut
+    data.cache_dir = ""  # preprocessed-case cache; "" = $SCSE_JAX_CACHE or ~/.cache/scse_jax
+    data.augment = True  # anatomy-respecting augmentation (no left-right flips)
+    data.synthetic_patients = 8  # patients in the built-in synthetic data
+    data.synthetic_size = 128  # slice side of the built-in synthetic data
+    data.synthetic_slices = 16  # slices per synthetic volume
+    data.max_patients = 0  # use only the first N patients (0 = all); for quick checks
+
+    config.model = model = ml_collections.ConfigDict()
+    model.features = 16  # width of the first encoder block; doubles per level
+    model.se = "scse"  # "none", "cse", "sse" or "scse"
+    model.se_reduction = 2  # channel bottleneck ratio r of cSE
+    model.se_aggregation = "max"  # scSE branch combination: "max" (TMI 2019), "add" or "mul"
+    model.se_positions = ("encoder", "bottleneck", "decoder")  # blocks followed by an SE block
+    model.upsample = "bilinear"  # decoder upsampling: "bilinear" or "transpose"
+    model.compute_dtype = "float32"  # "float32" or "bfloat16" (parameters stay float32)
+
+    config.train = train = ml_collections.ConfigDict()
+    train.batch_size = 20  # global batch, split over every device of every host
+    train.num_epochs = 20  # epochs to train; a larger value continues a finished run
+    train.learning_rate = 0.004  # Adam's initial learning rate
+    train.decay_rate = 0.5  # multiplied into the learning rate every decay_epochs
+    train.decay_epochs = 4  # epochs between learning-rate decays (staircase)
+    train.seed = 0  # parameter initialisation and data order
+    train.ce_weight = 1.0  # weight of the class-weighted cross entropy term
+    train.dice_weight = 1.0  # weight of the soft Dice term
+    train.log_every_steps = 10  # progress line and TensorBoard scalars every N steps
+
+    config.checkpoint = ckpt = ml_collections.ConfigDict()
+    ckpt.every_epochs = 1  # save a checkpoint every N epochs (and on SIGTERM/SIGINT)
+    ckpt.keep_latest = 2  # latest checkpoints kept, besides the best one
+
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.batch_size = 16  # slices per inference call; divisible by the device count
+    ev.every_epochs = 1  # validate on whole patients every N epochs
+    ev.num_overlays = 3  # validation overlay pictures written at the end
+
+    config.distributed = dist = ml_collections.ConfigDict()
+    dist.coordinator_address = ""  # host:port of process 0; "" = single host or cluster auto-detect
+    dist.num_processes = 0  # 0 = from the cluster environment
+    dist.process_id = -1  # -1 = from the cluster environment
+
+    return config

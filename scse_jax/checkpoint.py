@@ -1,0 +1,107 @@
+"""Every orbax call of the project, in one place (orbax's API moves).
+
+A checkpoint is one orbax step folder under ``<workdir>/checkpoints`` with two items:
+``state`` (the TrainState pytree) and ``meta`` (JSON: the run's config, the epoch and step,
+partial-epoch loss sums and the validation score). orbax writes into a temporary folder and
+renames it when complete, so a save killed midway never leaves a step that ``latest_step``
+reports. The latest ``keep_latest`` checkpoints are kept, plus the best by validation Dice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from scse_jax.errors import CheckpointError
+
+STATE = "state"
+META = "meta"
+BEST_METRIC = "val_dice"
+
+
+def checkpoint_dir(workdir_or_checkpoint_dir: str | Path) -> Path:
+    """``<workdir>/checkpoints`` for a run's workdir, or the path itself for a checkpoint folder."""
+    path = Path(workdir_or_checkpoint_dir).expanduser()
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+class Checkpoints:
+    """The checkpoints of one run: save, list, restore."""
+
+    def __init__(self, directory: str | Path, *, keep_latest: int = 2, read_only: bool = False):
+        self.directory = Path(directory)
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {self.directory}")
+        preservation = checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=keep_latest),
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preservation,
+            enable_async_checkpointing=False,
+            read_only=read_only,
+            create=not read_only,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot open checkpoint folder {self.directory}: {error}") from error
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the highest validation Dice, or None when none was scored."""
+        scored = [(meta.get(BEST_METRIC), step) for step in self.steps() for meta in [self.restore_meta(step)]]
+        scored = [(score, step) for score, step in scored if score is not None]
+        return max(scored)[1] if scored else None
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves and waits until the checkpoint is complete on disk."""
+        metrics = {BEST_METRIC: meta[BEST_METRIC]} if meta.get(BEST_METRIC) is not None else None
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
+                metrics=metrics,
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as error:  # orbax raises many types; none may pass silently
+            raise CheckpointError(f"saving checkpoint {step} under {self.directory} failed: {error}") from error
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        path = self.directory / str(step) / META / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{self.directory / str(step)} is not a scse_jax checkpoint (unreadable {path.name}: {error})"
+            ) from error
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores the state into the shapes, dtypes and shardings of ``abstract_state``."""
+        meta = self.restore_meta(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
+            )
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} does not match this model or is corrupt: {error}"
+            ) from error
+        return restored[STATE], meta
+
+    def close(self) -> None:
+        self._manager.close()
