@@ -17,19 +17,29 @@ import jax.numpy as jnp
 DICE_SMOOTH = 1.0
 
 
-def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: jax.Array) -> jax.Array:
-    """Mean of -w[y] log p(y) over pixels, normalised by the sum of w[y]."""
+def _example_weights(labels: jax.Array, example_mask: jax.Array | None) -> jax.Array:
+    """Per-pixel 1/0 weights from a per-example mask (padding rows of a batch get 0)."""
+    if example_mask is None:
+        return jnp.ones(labels.shape, jnp.float32)
+    return jnp.broadcast_to(example_mask.reshape((-1,) + (1,) * (labels.ndim - 1)), labels.shape)
+
+
+def weighted_cross_entropy(
+    logits: jax.Array, labels: jax.Array, class_weights: jax.Array, example_mask: jax.Array | None = None
+) -> jax.Array:
+    """Sum of -w[y] log p(y) over pixels, divided by the sum of w[y]."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     true_log_prob = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-    pixel_weights = class_weights[labels]
+    pixel_weights = class_weights[labels] * _example_weights(labels, example_mask)
     return -jnp.sum(pixel_weights * true_log_prob) / jnp.maximum(jnp.sum(pixel_weights), 1e-12)
 
 
-def soft_dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array | None = None) -> jax.Array:
     """1 - mean over foreground classes of the soft Dice over the whole batch."""
     num_classes = logits.shape[-1]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    mask = _example_weights(labels, example_mask)[..., None]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * mask
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask
     reduce_axes = tuple(range(logits.ndim - 1))
     intersection = jnp.sum(probs * one_hot, axis=reduce_axes)
     total = jnp.sum(probs, axis=reduce_axes) + jnp.sum(one_hot, axis=reduce_axes)
@@ -44,9 +54,10 @@ def segmentation_loss(
     *,
     ce_weight: float = 1.0,
     dice_weight: float = 1.0,
+    example_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted cross entropy plus soft Dice; returns the total and its parts."""
-    ce = weighted_cross_entropy(logits, labels, class_weights)
-    dice = soft_dice_loss(logits, labels)
+    ce = weighted_cross_entropy(logits, labels, class_weights, example_mask)
+    dice = soft_dice_loss(logits, labels, example_mask)
     total = ce_weight * ce + dice_weight * dice
     return total, {"loss": total, "cross_entropy": ce, "dice_loss": dice}

@@ -1,0 +1,86 @@
+"""Pictures of a run: loss curves and validation overlays (matplotlib, no screen needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Overlay colours per class id: liver, right kidney, left kidney, spleen.
+CLASS_COLOURS = np.array(
+    [[0, 0, 0], [230, 90, 60], [60, 160, 230], [90, 210, 90], [220, 200, 60]], dtype=np.float32
+) / 255.0
+
+
+def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
+    """Training and validation loss per epoch, as the report's figures 2-5."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for split, style in (("train", "-o"), ("val", "-s")):
+        points = sorted((r["epoch"], r["loss"]) for r in records if r.get("split") == split and "loss" in r)
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, style, label=split, markersize=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (weighted CE + Dice)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """An RGB picture of a 2-D image with class ids painted over it."""
+    low, high = np.percentile(image, (1, 99))
+    gray = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    colours = CLASS_COLOURS[np.clip(labels, 0, len(CLASS_COLOURS) - 1)]
+    painted = labels > 0
+    rgb[painted] = (1 - alpha) * rgb[painted] + alpha * colours[painted]
+    return rgb
+
+
+def save_panels(panels: list[tuple[str, np.ndarray]], path: Path) -> Path:
+    """Side-by-side RGB or gray panels with titles, one row."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), dpi=100)
+    for ax, (title, picture) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def busiest_slice(labels: np.ndarray) -> int:
+    """The slice with the most foreground, a good one to show."""
+    return int(np.argmax((labels > 0).reshape(len(labels), -1).sum(axis=1)))
+
+
+def save_validation_overlays(cases, predictions: dict[str, np.ndarray], out_dir: Path) -> list[Path]:
+    """image | prediction | ground truth for the busiest slice of each case, on the training grid."""
+    from scse_jax.data.preprocess import resize_slices
+
+    paths = []
+    for case in cases:
+        if case.case_key not in predictions:
+            continue
+        index = busiest_slice(case.labels)
+        prediction = resize_slices(predictions[case.case_key][index : index + 1], case.images.shape[-1], order=0)[0]
+        image = case.images[index]
+        panels = [
+            ("image", image),
+            ("prediction", overlay(image, prediction)),
+            ("ground truth", overlay(image, case.labels[index])),
+        ]
+        paths.append(save_panels(panels, Path(out_dir) / f"{case.case_key}_slice{index:03d}.png"))
+    return paths

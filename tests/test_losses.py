@@ -1,0 +1,73 @@
+"""The loss against a direct numpy computation, and its empty-class behaviour."""
+
+import numpy as np
+import jax.numpy as jnp
+from hypothesis import given, settings, strategies as st
+
+from scse_jax import losses
+
+
+def numpy_loss(logits, labels, weights, mask=None):
+    logits = logits.astype(np.float64)
+    mask = np.ones(len(labels)) if mask is None else mask
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    probs = np.exp(log_probs)
+    pixel_mask = np.broadcast_to(mask[:, None, None], labels.shape)
+    w = weights[labels] * pixel_mask
+    ce = -(w * np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]).sum() / w.sum()
+    dices = []
+    for c in range(1, logits.shape[-1]):
+        p = probs[..., c] * pixel_mask
+        g = (labels == c) * pixel_mask
+        dices.append((2 * (p * g).sum() + 1.0) / (p.sum() + g.sum() + 1.0))
+    dice_loss = 1 - np.mean(dices)
+    return ce + dice_loss, ce, dice_loss
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    batch=st.integers(1, 3),
+    side=st.integers(1, 6),
+    classes=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+    masked=st.booleans(),
+)
+def test_loss_matches_numpy(batch, side, classes, seed, masked):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(batch, side, side, classes)).astype(np.float32) * 3
+    labels = rng.integers(0, classes, size=(batch, side, side))
+    weights = rng.uniform(0.1, 5.0, size=classes).astype(np.float32)
+    mask = np.ones(batch, np.float32)
+    if masked and batch > 1:
+        mask[-1] = 0.0
+    total, parts = losses.segmentation_loss(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights), example_mask=jnp.asarray(mask)
+    )
+    expected_total, expected_ce, expected_dice = numpy_loss(logits, labels, weights, mask)
+    np.testing.assert_allclose(float(parts["cross_entropy"]), expected_ce, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(parts["dice_loss"]), expected_dice, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(total), expected_total, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_apply_before_reduction():
+    # Two pixels, one per class; upweighting the badly-predicted class raises the CE.
+    logits = jnp.array([[[[5.0, -5.0], [5.0, -5.0]]]])  # predicts class 0 everywhere
+    labels = jnp.array([[[0, 1]]])
+    even = losses.weighted_cross_entropy(logits, labels, jnp.array([1.0, 1.0]))
+    rare_heavy = losses.weighted_cross_entropy(logits, labels, jnp.array([1.0, 9.0]))
+    assert float(rare_heavy) > float(even) * 1.5
+
+
+def test_absent_class_costs_nothing_when_not_predicted_and_something_when_predicted():
+    labels = jnp.zeros((1, 4, 4), jnp.int32)
+    quiet = jnp.zeros((1, 4, 4, 2)).at[..., 0].set(20.0)
+    noisy = jnp.zeros((1, 4, 4, 2)).at[..., 1].set(20.0)
+    assert float(losses.soft_dice_loss(quiet, labels)) < 1e-3
+    assert float(losses.soft_dice_loss(noisy, labels)) > 0.9
+
+
+def test_perfect_prediction_has_near_zero_dice_loss():
+    labels = jnp.array([[[0, 1], [2, 1]]])
+    logits = 30.0 * jnp.eye(3)[labels]
+    assert float(losses.soft_dice_loss(logits, labels)) < 1e-3
