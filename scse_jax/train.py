@@ -77,15 +77,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
     return optax.adam(learning_rate_schedule(train_config, steps_per_epoch))
 
 
-def create_train_state(
-    model: UNet, tx: optax.GradientTransformation, *, image_size: int, seed: int, mesh: jax.sharding.Mesh
-) -> tuple[TrainState, TrainState]:
-    """Initialises a replicated state; returns it and its abstract twin (for restoring).
-
-    Shapes come first from ``jax.eval_shape``; the real initialisation then runs jitted
-    straight into its replicated sharding.
-    """
-
+def _state_initialiser(model: UNet, tx: optax.GradientTransformation, image_size: int):
     def init(rng: jax.Array) -> TrainState:
         variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False)
         params = variables["params"]
@@ -96,14 +88,29 @@ def create_train_state(
             opt_state=tx.init(params),
         )
 
-    rng = jax.random.key(seed)
-    shapes = jax.eval_shape(init, rng)
+    return init
+
+
+def abstract_train_state(
+    model: UNet, tx: optax.GradientTransformation, *, image_size: int, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the state, computed without any FLOPs."""
+    shapes = jax.eval_shape(_state_initialiser(model, tx, image_size), jax.random.key(0))
     replicated = sharding.replicated_sharding(mesh)
-    state_shardings = jax.tree.map(lambda _: replicated, shapes)
-    abstract = jax.tree.map(
-        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh), shapes, state_shardings
-    )
-    state = jax.jit(init, out_shardings=state_shardings)(rng)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes)
+
+
+def create_train_state(
+    model: UNet, tx: optax.GradientTransformation, *, image_size: int, seed: int, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, TrainState]:
+    """Initialises a replicated state; returns it and its abstract twin (for restoring).
+
+    Shapes come first from ``jax.eval_shape``; the real initialisation then runs jitted
+    straight into its replicated sharding.
+    """
+    abstract = abstract_train_state(model, tx, image_size=image_size, mesh=mesh)
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract)
+    state = jax.jit(_state_initialiser(model, tx, image_size), out_shardings=shardings)(jax.random.key(seed))
     return state, abstract
 
 
