@@ -1,0 +1,293 @@
+"""Patient-wise splits, class weights, shuffled host batches, augmentation and prefetching.
+
+Everything here is host-side numpy; `scse_jax.sharding` moves batches onto the devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from scse_jax.data.preprocess import PreparedCase
+from scse_jax.errors import ConfigError, DataError
+
+Batch = dict[str, np.ndarray]
+Augment = Callable[[Batch, np.random.Generator], Batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Patient ids of each set, sorted; no patient is in two sets."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def _patient_order(patient: str) -> tuple:
+    """Numeric ids in numeric order ("2" before "10"), other ids after them."""
+    return (0, int(patient), patient) if patient.isdigit() else (1, 0, patient)
+
+
+def split_patients(
+    patients: Iterable[str], *, num_folds: int = 5, fold: int = 0, num_val: int = 1, seed: int = 0
+) -> Split:
+    """Splits patients into train/val/test sets for one cross-validation fold.
+
+    The patients are sorted, shuffled from `seed` and cut into `num_folds` folds of nearly
+    equal size. Test is fold `fold`; val is the first `num_val` patients of the following folds
+    (in fold order, wrapping around); train is everyone else. With `num_folds=1` there is no
+    test set. The result depends only on the set of patients and the arguments.
+    """
+    patients = [str(p) for p in patients]
+    duplicates = sorted((p for p, n in collections.Counter(patients).items() if n > 1), key=_patient_order)
+    if duplicates:
+        raise ConfigError(f"patient ids must be unique; repeated: {duplicates}")
+    if num_folds < 1:
+        raise ConfigError(f"num_folds must be >= 1, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"fold must be in [0, {num_folds}), got {fold}")
+    if num_val < 0:
+        raise ConfigError(f"num_val must be >= 0, got {num_val}")
+    if len(patients) < num_folds:
+        raise ConfigError(f"{len(patients)} patients cannot fill {num_folds} folds")
+    ordered = sorted(patients, key=_patient_order)
+    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+    folds = [list(f) for f in np.array_split(np.array(shuffled, dtype=object), num_folds)]
+    if num_folds == 1:
+        test, rest = [], shuffled
+    else:
+        test = folds[fold]
+        rest = [p for offset in range(1, num_folds) for p in folds[(fold + offset) % num_folds]]
+    if len(rest) < num_val + 1:
+        raise ConfigError(
+            f"{len(patients)} patients leave {len(rest)} outside the test fold: too few for "
+            f"num_val={num_val} plus at least one training patient"
+        )
+
+    def ordered_tuple(ids):
+        return tuple(sorted(ids, key=_patient_order))
+
+    return Split(train=ordered_tuple(rest[num_val:]), val=ordered_tuple(rest[:num_val]), test=ordered_tuple(test))
+
+
+def class_weights(label_arrays: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
+    """Inverse class frequency weights, (num_classes,) float32.
+
+    Weights of the classes present are proportional to 1 / frequency and sum to `num_classes`;
+    a class absent from the arrays gets weight 0 (it has no pixels to weigh).
+    """
+    counts = np.zeros(num_classes, np.int64)
+    for labels in label_arrays:
+        labels = np.asarray(labels)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(
+                f"label values must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}"
+            )
+        counts += np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)
+    if counts.sum() == 0:
+        raise DataError("no labelled pixels to compute class weights from")
+    present = counts > 0
+    weights = np.zeros(num_classes, np.float64)
+    weights[present] = counts.sum() / counts[present]
+    weights *= num_classes / weights.sum()
+    return weights.astype(np.float32)
+
+
+@dataclasses.dataclass
+class SliceDataset:
+    """2-D training examples: every slice of every case.
+
+    Attributes:
+      images: (N, S, S, 1) float32.
+      labels: (N, S, S) int32 class ids.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.shape[-1] != 1 or self.labels.shape != self.images.shape[:3]:
+            raise DataError(
+                f"images (N, S, S, 1) and labels (N, S, S) must match; got {self.images.shape} "
+                f"and {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @classmethod
+    def from_cases(cls, prepared_cases: Sequence[PreparedCase]) -> "SliceDataset":
+        """Stacks the slices of labelled prepared cases (all on the same grid)."""
+        if not prepared_cases:
+            raise DataError("no prepared cases to build a dataset from")
+        unlabelled = [c.case_key for c in prepared_cases if c.labels is None]
+        if unlabelled:
+            raise DataError(f"cases without ground truth cannot be trained on: {unlabelled}")
+        shapes = {c.images.shape[1:] for c in prepared_cases}
+        if len(shapes) != 1:
+            raise DataError(f"prepared cases lie on different grids: {sorted(shapes)}")
+        images = np.concatenate([c.images for c in prepared_cases]).astype(np.float32)[..., None]
+        labels = np.concatenate([c.labels for c in prepared_cases]).astype(np.int32)
+        return cls(images=images, labels=labels)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder is dropped); an error when there are none."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if num_examples < batch_size:
+        raise ConfigError(f"batch_size {batch_size} exceeds the {num_examples} training examples")
+    return num_examples // batch_size
+
+
+def iterate_batches(
+    dataset: SliceDataset,
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    augment: Augment | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Yields one epoch of this process's part of each global batch.
+
+    The order is np.random.default_rng((seed, epoch)).permutation, so every epoch reshuffles
+    and every run repeats. Process `process_index` gets rows
+    [i * B / process_count, (i + 1) * B / process_count) of each global batch of size B.
+    `augment(batch, rng)` gets a generator seeded from (seed, epoch, step, process_index).
+    With drop_remainder=False the last, smaller batch is yielded too (single process only).
+
+    Yields:
+      {"image": (B_local, S, S, 1) float32, "label": (B_local, S, S) int32}.
+    """
+    if batch_size < 1 or batch_size % process_count:
+        raise ConfigError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
+    num_examples = len(dataset)
+    if drop_remainder:
+        num_steps = steps_per_epoch(num_examples, batch_size)
+    elif process_count > 1:
+        raise ConfigError("drop_remainder=False is only supported with a single process")
+    else:
+        num_steps = math.ceil(num_examples / batch_size)
+    order = np.random.default_rng((seed, epoch)).permutation(num_examples) if shuffle else np.arange(num_examples)
+    local_size = batch_size // process_count
+    for step in range(num_steps):
+        global_rows = order[step * batch_size : (step + 1) * batch_size]
+        rows = global_rows[process_index * local_size : (process_index + 1) * local_size]
+        batch = {"image": dataset.images[rows], "label": dataset.labels[rows]}
+        if augment is not None:
+            batch = augment(batch, np.random.default_rng((seed, epoch, step, process_index)))
+        yield batch
+
+
+# Small transforms only: a proper abdomen never appears mirrored, so no flips at all.
+_MAX_ROTATION_DEG = 10.0
+_SCALE_RANGE = (0.9, 1.1)
+_MAX_SHIFT_FRACTION = 0.06
+_CONTRAST_RANGE = (0.9, 1.1)
+_BRIGHTNESS = {"CT": 0.05, "MR": 0.1}  # CT lies in [0, 1], MR is z-scored
+
+
+def augment_batch(batch: Batch, rng: np.random.Generator, *, modality: str) -> Batch:
+    """Random rotation, isotropic scale and shift per example, plus intensity jitter.
+
+    The same geometric transform moves image (bilinear) and labels (nearest); each is a
+    proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
+    and the kidneys keep their sides. Contrast and brightness are jittered per example.
+    """
+    if modality not in _BRIGHTNESS:
+        raise ConfigError(f"modality must be one of {tuple(_BRIGHTNESS)}, got {modality!r}")
+    images, labels = batch["image"], batch["label"]
+    count, rows, cols = labels.shape
+    angle = np.deg2rad(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG, count))
+    scale = rng.uniform(*_SCALE_RANGE, count)
+    shift = rng.uniform(-_MAX_SHIFT_FRACTION, _MAX_SHIFT_FRACTION, (count, 2)) * (rows, cols)
+
+    # Output pixel p samples the input at A p + offset, A = R(angle) / scale, about the centre.
+    centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
+    moved_images = np.empty(images.shape[:3], np.float32)
+    moved_labels = np.empty_like(labels)
+    for example in range(count):
+        cos, sin = np.cos(angle[example]) / scale[example], np.sin(angle[example]) / scale[example]
+        matrix = np.array([[cos, -sin], [sin, cos]])
+        offset = centre - matrix @ centre - shift[example]
+        ndimage.affine_transform(
+            images[example, ..., 0], matrix, offset, order=1, mode="nearest", output=moved_images[example]
+        )
+        ndimage.affine_transform(
+            labels[example], matrix, offset, order=0, mode="nearest", output=moved_labels[example]
+        )
+    contrast = rng.uniform(*_CONTRAST_RANGE, (count, 1, 1))
+    brightness = rng.uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (count, 1, 1))
+    moved_images = moved_images * contrast + brightness
+    return dict(
+        batch,
+        image=moved_images[..., None].astype(np.float32),
+        label=moved_labels,
+    )
+
+
+_END = object()
+
+
+@dataclasses.dataclass
+class _ProducerError:
+    error: BaseException
+
+
+def prefetch(iterator: Iterable, size: int = 2) -> Iterator:
+    """Runs `iterator` in a background thread, keeping up to `size` items ready.
+
+    An exception in the producer is raised in the consumer at the item where it happened.
+    Closing the returned generator (or dropping it) stops the producer thread.
+    """
+    if size < 1:
+        raise ConfigError(f"prefetch size must be positive, got {size}")
+    items: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterator:
+                if not put(item):
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            put(_ProducerError(error))
+            return
+        put(_END)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, _ProducerError):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)

@@ -1,0 +1,303 @@
+"""Tests of patient splits, class weights, batches, augmentation and prefetching."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scse_jax.data.pipeline import (
+    SliceDataset,
+    Split,
+    augment_batch,
+    class_weights,
+    iterate_batches,
+    prefetch,
+    split_patients,
+    steps_per_epoch,
+)
+from scse_jax.data.preprocess import PreparedCase
+from scse_jax.data.types import Geometry
+from scse_jax.errors import ConfigError, DataError
+
+# Splits --------------------------------------------------------------------------------------
+
+
+@st.composite
+def split_arguments(draw):
+    num_folds = draw(st.integers(1, 6))
+    num_val = draw(st.integers(0, 2))
+    minimum = max(num_folds, 1) + num_val + 1
+    num_patients = draw(st.integers(minimum + (num_folds > 1), 25))
+    return num_patients, num_folds, num_val, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(deadline=None, max_examples=60)
+@given(split_arguments())
+def test_splits_are_disjoint_and_test_folds_partition_the_patients(arguments):
+    num_patients, num_folds, num_val, seed = arguments
+    patients = [str(p) for p in range(1, num_patients + 1)]
+    test_sets = []
+    for fold in range(num_folds):
+        split = split_patients(patients, num_folds=num_folds, fold=fold, num_val=num_val, seed=seed)
+        sets = [set(split.train), set(split.val), set(split.test)]
+        assert sum(len(s) for s in sets) == num_patients
+        assert set().union(*sets) == set(patients)
+        assert len(split.val) == num_val and len(split.train) >= 1
+        # Determinism: same arguments, any input order -> the same split.
+        assert split_patients(list(reversed(patients)), num_folds=num_folds, fold=fold, num_val=num_val, seed=seed) == split
+        test_sets.append(set(split.test))
+    if num_folds == 1:
+        assert test_sets == [set()]
+    else:
+        assert sum(len(s) for s in test_sets) == num_patients
+        assert set().union(*test_sets) == set(patients)
+        sizes = [len(s) for s in test_sets]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_split_depends_on_the_seed():
+    patients = [str(p) for p in range(20)]
+    splits = {split_patients(patients, seed=seed).test for seed in range(5)}
+    assert len(splits) > 1
+
+
+def test_split_sets_are_sorted_numerically():
+    split = split_patients([str(p) for p in (1, 2, 5, 8, 10, 13, 19, 20, 21, 22)], num_folds=2, num_val=2)
+    assert isinstance(split, Split)
+    for ids in (split.train, split.val, split.test):
+        assert list(ids) == sorted(ids, key=int)
+
+
+@pytest.mark.parametrize(
+    "patients, kwargs, message",
+    [
+        (["1", "2", "3", "2"], {}, "repeated"),
+        (["1", "2", "3", "4", "5", "6"], {"fold": 5}, "fold"),
+        (["1", "2", "3", "4", "5", "6"], {"fold": -1}, "fold"),
+        (["1", "2", "3"], {"num_folds": 5}, "folds"),
+        (["1", "2", "3"], {"num_folds": 3, "num_val": 2}, "too few"),
+        (["1", "2"], {"num_folds": 0}, "num_folds"),
+    ],
+)
+def test_bad_split_requests_are_config_errors(patients, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        split_patients(patients, **kwargs)
+
+
+# Class weights -------------------------------------------------------------------------------
+
+
+def test_class_weights_are_inverse_frequency_summing_to_num_classes():
+    labels = [np.array([[0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]), np.array([2, 0])]
+    # counts 10, 3, 1 of 14; class 3 absent.
+    weights = class_weights(labels, 4)
+    expected = np.array([14 / 10, 14 / 3, 14 / 1, 0.0])
+    expected *= 4 / expected.sum()
+    assert weights.dtype == np.float32
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert weights.sum() == pytest.approx(4.0)
+
+
+def test_class_weights_reject_bad_labels():
+    with pytest.raises(DataError, match="label values"):
+        class_weights([np.array([0, 5])], 2)
+    with pytest.raises(DataError, match="no labelled pixels"):
+        class_weights([np.zeros((0,), np.int32)], 2)
+
+
+# Dataset and batches -------------------------------------------------------------------------
+
+
+def prepared(key: str, slices: int, size: int = 8, offset: float = 0.0, labelled: bool = True) -> PreparedCase:
+    images = offset + np.arange(slices, dtype=np.float32)[:, None, None] * np.ones((1, size, size), np.float32)
+    labels = np.full((slices, size, size), int(offset) % 5, np.uint8) if labelled else None
+    return PreparedCase(key, key, images, labels, labels, Geometry.from_spacing((1, 1, 1)), (slices, size, size))
+
+
+def numbered_dataset(count: int = 10, size: int = 8) -> SliceDataset:
+    """Example i has every image pixel equal to i and every label equal to i % 5."""
+    images = np.broadcast_to(np.arange(count, dtype=np.float32)[:, None, None, None], (count, size, size, 1)).copy()
+    labels = np.broadcast_to((np.arange(count) % 5).astype(np.int32)[:, None, None], (count, size, size)).copy()
+    return SliceDataset(images, labels)
+
+
+def example_ids(batch) -> list[int]:
+    return [int(v) for v in batch["image"][:, 0, 0, 0]]
+
+
+def test_dataset_from_cases():
+    dataset = SliceDataset.from_cases([prepared("a", 3), prepared("b", 2, offset=10.0)])
+    assert len(dataset) == 5
+    assert dataset.images.shape == (5, 8, 8, 1) and dataset.images.dtype == np.float32
+    assert dataset.labels.shape == (5, 8, 8) and dataset.labels.dtype == np.int32
+    np.testing.assert_array_equal(dataset.images[:, 0, 0, 0], [0, 1, 2, 10, 11])
+    with pytest.raises(DataError, match="ground truth"):
+        SliceDataset.from_cases([prepared("a", 3), prepared("c", 1, labelled=False)])
+    with pytest.raises(DataError, match="different grids"):
+        SliceDataset.from_cases([prepared("a", 3), prepared("b", 2, size=4)])
+
+
+def test_batches_have_the_promised_shapes_and_types():
+    batches = list(iterate_batches(numbered_dataset(10), batch_size=4, epoch=0, seed=0))
+    assert len(batches) == steps_per_epoch(10, 4) == 2
+    for batch in batches:
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (4, 8, 8, 1) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (4, 8, 8) and batch["label"].dtype == np.int32
+        np.testing.assert_array_equal(batch["label"][:, 0, 0], np.array(example_ids(batch)) % 5)
+    seen = sum((example_ids(b) for b in batches), [])
+    assert len(set(seen)) == 8
+
+
+def test_epochs_reshuffle_and_repeat_from_the_seed():
+    dataset = numbered_dataset(32)
+
+    def order(epoch, seed):
+        return sum((example_ids(b) for b in iterate_batches(dataset, batch_size=8, epoch=epoch, seed=seed)), [])
+
+    assert order(0, 0) == order(0, 0)
+    assert sorted(order(0, 0)) == list(range(32))
+    assert order(0, 0) != order(1, 0)
+    assert order(0, 0) != order(0, 1)
+    unshuffled = iterate_batches(dataset, batch_size=8, epoch=3, seed=0, shuffle=False)
+    assert example_ids(next(unshuffled)) == list(range(8))
+
+
+def test_two_processes_cover_each_global_batch_exactly():
+    dataset = numbered_dataset(20)
+    common = dict(batch_size=6, epoch=2, seed=7)
+    whole = list(iterate_batches(dataset, **common))
+    halves = [list(iterate_batches(dataset, **common, process_index=i, process_count=2)) for i in range(2)]
+    assert len(halves[0]) == len(halves[1]) == len(whole) == 3
+    for full, first, second in zip(whole, *halves):
+        assert first["image"].shape[0] == second["image"].shape[0] == 3
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), full[key])
+
+
+def test_remainder_batch_when_asked():
+    batches = list(iterate_batches(numbered_dataset(10), batch_size=4, epoch=0, seed=0, drop_remainder=False))
+    assert [b["image"].shape[0] for b in batches] == [4, 4, 2]
+    assert sorted(sum((example_ids(b) for b in batches), [])) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 0},
+        {"batch_size": 12},  # more than the 10 examples
+        {"batch_size": 5, "process_count": 2},
+        {"batch_size": 4, "process_index": 2, "process_count": 2},
+        {"batch_size": 4, "process_count": 2, "drop_remainder": False},
+    ],
+)
+def test_bad_batch_requests_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        list(iterate_batches(numbered_dataset(10), epoch=0, seed=0, **kwargs))
+
+
+def test_steps_per_epoch():
+    assert steps_per_epoch(100, 8) == 12
+    with pytest.raises(ConfigError, match="exceeds"):
+        steps_per_epoch(3, 8)
+
+
+# Augmentation --------------------------------------------------------------------------------
+
+
+def left_object_batch(count: int = 6, size: int = 32):
+    """A bright square on the left (low column index) labelled 2, one on the right labelled 3."""
+    images = np.zeros((count, size, size, 1), np.float32)
+    labels = np.zeros((count, size, size), np.int32)
+    images[:, 12:20, 4:10] = 1.0
+    labels[:, 12:20, 4:10] = 2
+    labels[:, 12:20, 22:28] = 3
+    return {"image": images, "label": labels}
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_augmentation_keeps_shapes_values_and_sides(modality):
+    batch = left_object_batch()
+    for seed in range(10):
+        out = augment_batch(batch, np.random.default_rng(seed), modality=modality)
+        assert out["image"].shape == batch["image"].shape and out["image"].dtype == np.float32
+        assert out["label"].shape == batch["label"].shape and out["label"].dtype == np.int32
+        assert set(np.unique(out["label"])) <= {0, 2, 3}
+        cols = np.arange(32)
+        for example in out["label"]:
+            assert (example == 2).any() and (example == 3).any()
+            left = cols[(example == 2).any(axis=0)]
+            right = cols[(example == 3).any(axis=0)]
+            assert left.max() < 16 <= right.min()
+        # The image moves with its labels.
+        moved = out["image"][..., 0] > out["image"][..., 0].min(axis=(1, 2), keepdims=True) + 0.5
+        overlap = (moved & (out["label"] == 2)).sum() / (out["label"] == 2).sum()
+        assert overlap > 0.8
+
+
+def test_augmentation_changes_examples_reproducibly():
+    batch = left_object_batch()
+    first = augment_batch(batch, np.random.default_rng(1), modality="MR")
+    again = augment_batch(batch, np.random.default_rng(1), modality="MR")
+    other = augment_batch(batch, np.random.default_rng(2), modality="MR")
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert not np.array_equal(first["image"], batch["image"])
+    assert not np.array_equal(first["label"], other["label"])
+    assert not np.array_equal(first["label"][0], first["label"][1])  # per-example transforms
+
+
+def test_iterate_batches_applies_augmentation_per_step():
+    dataset = SliceDataset(**{"images": left_object_batch(8)["image"], "labels": left_object_batch(8)["label"]})
+    calls = []
+
+    def augment(batch, rng):
+        calls.append(rng.integers(1 << 30))
+        return augment_batch(batch, rng, modality="CT")
+
+    batches = list(iterate_batches(dataset, batch_size=4, epoch=0, seed=0, augment=augment))
+    assert len(batches) == 2 and len(set(calls)) == 2
+    assert batches[0]["image"].shape == (4, 32, 32, 1)
+
+
+# Prefetch ------------------------------------------------------------------------------------
+
+
+def test_prefetch_yields_everything_in_order():
+    assert list(prefetch(iter(range(50)), size=3)) == list(range(50))
+
+
+def test_prefetch_raises_the_producer_error_after_the_good_items():
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("broken slice")
+
+    got = []
+    with pytest.raises(DataError, match="broken slice"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_prefetch_stops_its_thread_when_closed_early():
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    stream = prefetch(endless(), size=2)
+    assert next(stream) == 0
+    stream.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+    assert len(produced) <= 5  # bounded by the queue, not run ahead
