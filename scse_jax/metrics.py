@@ -12,6 +12,9 @@ Definitions follow the challenge's own evaluation code (github.com/emrekavur/CHA
 - Surface voxel indices are mapped to patient coordinates in mm with the volume's geometry;
   for DICOM series that geometry comes from the first file's orientation and pixel spacing
   and the slice step (last position - first position) / (N - 1), files in sorted name order.
+  (The official transform pairs the row index with the row direction cosine, swapping the
+  in-plane directions of DICOM PS3.3 C.7.6.2.1.1, which Geometry follows; the two differ by a
+  reflection in the image plane, so distances agree whenever slices are not sheared.)
 - ASSD: the mean, over the surface voxels of both masks, of the distance to the nearest
   surface voxel of the other mask. MSSD: the largest of those distances.
 
