@@ -1,0 +1,157 @@
+"""CHAOST2-style NIfTI pairs: image_<id>.nii.gz (+ label_<id>.nii.gz) -> Volume.
+
+Layout convention, the same as an axial DICOM series with ImageOrientationPatient [1,0,0,0,1,0]:
+the NIfTI array is first reoriented so its axes run towards patient Left, Posterior, Superior
+(nibabel orientation tools; for CHAOST2, whose axis codes are L,A,S, this flips the second
+axis), then transposed to (slices, rows, cols) = (third, second, first) NIfTI axis. So rows run
+anterior -> posterior and columns patient right -> left (the liver is on the image's left).
+Geometry.index_to_patient is the reoriented NIfTI affine converted from RAS to DICOM LPS.
+nibabel is imported only here and only when needed (pip install 'scse_jax[nifti]').
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scse_jax.data.types import CLASS_NAMES, Case, Geometry, Volume
+from scse_jax.errors import DataError
+
+MAX_VOXELS = 2**31 // 4
+MAX_FILE_BYTES = 1024 * 2**20
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# (slice, row, col, 1) -> (i, j, k, 1) of the reoriented NIfTI array.
+_INDEX_TO_NIFTI = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError as exc:
+        raise DataError("reading NIfTI files needs nibabel: pip install 'scse_jax[nifti]'") from exc
+    return nibabel
+
+
+def patient_id(path: Path) -> str:
+    """The id in image_<id>.nii.gz / label_<id>.nii(.gz)."""
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    return name.split("_", 1)[1]
+
+
+def find_cases(folder: Path) -> list[Case]:
+    """Lists image_<id>.nii(.gz) files in a folder, each with its label_<id> file if present."""
+    images = {patient_id(p): p for p in _nifti_files(folder, "image_")}
+    labels = {patient_id(p): p for p in _nifti_files(folder, "label_")}
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise DataError(f"{labels[orphans[0]]}: label without a matching image_{orphans[0]} file")
+    cases = []
+    for pid in sorted(images, key=_numeric_first):
+        label_files = (labels[pid],) if pid in labels else ()
+        cases.append(Case(pid, "MR", "T2SPIR", (images[pid],), label_files, "nifti"))
+    return cases
+
+
+def has_nifti_images(folder: Path) -> bool:
+    """Whether the folder holds image_<id>.nii(.gz) files."""
+    return bool(_nifti_files(folder, "image_"))
+
+
+def load_case(case: Case, *, with_labels: bool = True) -> Volume:
+    """Reads a NIfTI case: voxels (slices, rows, cols) float32, geometry, labels uint8 0..4."""
+    image_path = case.image_files[0]
+    image = _load(image_path)
+    voxels, geometry, transform = _to_volume_layout(image, image_path)
+    labels = None
+    if with_labels and case.label_files:
+        label_path = case.label_files[0]
+        label = _load(label_path)
+        if label.shape != image.shape:
+            raise DataError(
+                f"{label_path}: shape {label.shape} differs from {image.shape} of {image_path}"
+            )
+        if not np.allclose(label.affine, image.affine, atol=1e-3):
+            raise DataError(f"{label_path}: affine differs from that of {image_path}")
+        labels = _label_ids(_reoriented(label, transform, label_path), label_path, len(case.class_names))
+    return Volume(voxels, geometry, labels)
+
+
+def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
+    """Reads one NIfTI image as (slices, rows, cols) float32 voxels and their Geometry."""
+    path = Path(path)
+    voxels, geometry, _ = _to_volume_layout(_load(path), path)
+    return voxels, geometry
+
+
+def _nifti_files(folder: Path, prefix: str) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.name.startswith(prefix) and p.name.endswith((".nii", ".nii.gz"))
+    )
+
+
+def _numeric_first(pid: str):
+    return (0, int(pid), "") if pid.isdigit() else (1, 0, pid)
+
+
+def _load(path: Path):
+    nibabel = _nibabel()
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise DataError(f"{path}: {size} bytes exceeds the NIfTI file limit of {MAX_FILE_BYTES} bytes")
+        image = nibabel.load(path)
+        shape = tuple(int(n) for n in image.shape)
+    except DataError:
+        raise
+    except Exception as exc:  # nibabel raises many types on malformed input
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {image.shape}")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{path}: {voxels} voxels exceeds the limit of {MAX_VOXELS}")
+    return image
+
+
+def _data(image, path: Path) -> np.ndarray:
+    try:
+        data = np.asarray(image.dataobj)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
+    return data.reshape(data.shape[:3])
+
+
+def _to_volume_layout(image, path: Path):
+    nibabel = _nibabel()
+    orientations = nibabel.orientations
+    shape = image.shape[:3]
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(("L", "P", "S"))
+    )
+    affine = image.affine @ orientations.inv_ornt_aff(transform, shape)
+    voxels = _reoriented(image, transform, path).astype(np.float32)
+    index_to_patient = _RAS_TO_LPS @ affine @ _INDEX_TO_NIFTI
+    spacing = tuple(float(s) for s in np.linalg.norm(index_to_patient[:3, :3], axis=0))
+    return voxels, Geometry(spacing, index_to_patient), transform
+
+
+def _reoriented(image, transform, path: Path) -> np.ndarray:
+    nibabel = _nibabel()
+    data = nibabel.orientations.apply_orientation(_data(image, path), transform)
+    return np.ascontiguousarray(data.transpose(2, 1, 0))
+
+
+def _label_ids(data: np.ndarray, path: Path, num_classes: int) -> np.ndarray:
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        raise DataError(f"{path}: label values must be whole numbers")
+    bad = (data < 0) | (data >= num_classes)
+    if bad.any():
+        raise DataError(
+            f"{path}: unknown label value {data[bad].flat[0]:g} "
+            f"(expected 0..{num_classes - 1}: {', '.join(CLASS_NAMES[:num_classes])})"
+        )
+    return data.astype(np.uint8)
