@@ -301,3 +301,15 @@ def test_prefetch_stops_its_thread_when_closed_early():
         time.sleep(0.01)
     assert threading.active_count() == before
     assert len(produced) <= 5  # bounded by the queue, not run ahead
+
+
+def test_first_step_resumes_an_epoch_with_the_same_batches():
+    dataset = SliceDataset(**{"images": left_object_batch(12)["image"], "labels": left_object_batch(12)["label"]})
+    dataset.images[:, 0, 0, 0] = np.arange(12)  # tell examples apart
+    common = dict(batch_size=4, epoch=5, seed=9, augment=lambda b, rng: augment_batch(b, rng, modality="MR"))
+    whole = list(iterate_batches(dataset, **common))
+    resumed = list(iterate_batches(dataset, **common, first_step=1))
+    assert len(resumed) == len(whole) - 1 == 2
+    for expected, got in zip(whole[1:], resumed):
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["label"], expected["label"])

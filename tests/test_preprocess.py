@@ -317,3 +317,53 @@ def test_prepare_cases_reports_progress(tmp_path, cache_dir, capsys):
     prepare_cases(cases, SETTINGS, cache_dir, load=loader, progress=False)
     assert capsys.readouterr().err == ""
     assert loader.calls == 2
+
+
+# On CHAOS-format files ------------------------------------------------------------------------
+
+
+def test_synthetic_chaos_cases_prepare_and_cache(tmp_path, monkeypatch):
+    from scse_jax.data import chaos, synthetic
+
+    root = synthetic.write_synthetic_chaos(tmp_path / "data", patients=2, slices=4, size=32, modalities=("CT", "MR"))
+    cases = [c for c in chaos.find_cases(root) if c.sequence in ("CT", "T2SPIR")]
+    assert {c.modality for c in cases} == {"CT", "MR"}
+    calls = []
+
+    def counting_load(case, **kwargs):
+        calls.append(case.key)
+        return original_load(case, **kwargs)
+
+    original_load = chaos.load_case
+    monkeypatch.setattr(chaos, "load_case", counting_load)  # the default loader
+    cache_dir = tmp_path / "cache"
+    first = prepare_cases(cases, SETTINGS, cache_dir, progress=False)
+    second = prepare_cases(cases, SETTINGS, cache_dir, progress=False)
+    assert len(calls) == len(cases)
+    assert not any("tmp" in p.name for p in root.rglob("*")) and not any(root.rglob("*.npz"))
+    for case, prepared, cached in zip(cases, first, second):
+        assert prepared.native_shape == (4, 32, 32) and prepared.images.shape == (4, 16, 16)
+        np.testing.assert_array_equal(prepared.images, cached.images)
+        np.testing.assert_array_equal(prepared.native_labels, cached.native_labels)
+        assert set(np.unique(prepared.labels)) <= set(range(len(case.class_names)))
+        assert prepared.native_labels.any() and prepared.labels.any()
+        if case.modality == "CT":
+            assert 0.0 <= prepared.images.min() and prepared.images.max() <= 1.0
+        else:
+            assert abs(float(prepared.images.mean())) < 0.5
+
+
+def test_real_ct_sample_prepares_at_native_geometry(ct_sample_dir, tmp_path):
+    from scse_jax.data import chaos
+
+    (case,) = chaos.find_cases(ct_sample_dir)
+    prepared = prepare_case(case, PreprocessSettings(image_size=64), tmp_path / "cache")
+    assert prepared.native_shape == (78, 512, 512)
+    assert prepared.geometry.spacing_mm == pytest.approx((2.0, 0.7265625, 0.7265625))
+    assert prepared.images.shape == (78, 64, 64) and 0.0 <= prepared.images.min() <= prepared.images.max() <= 1.0
+    assert prepared.native_labels.shape == (78, 512, 512) and set(np.unique(prepared.native_labels)) == {0, 1}
+    # Mapping the training-grid labels back loses little of the liver (nearest, factor 8).
+    back = resize_to_native(prepared.labels, (512, 512))
+    liver = prepared.native_labels == 1
+    dice = 2 * (back[liver] == 1).sum() / ((back == 1).sum() + liver.sum())
+    assert dice > 0.95

@@ -159,6 +159,7 @@ def iterate_batches(
     augment: Augment | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    first_step: int = 0,
 ) -> Iterator[Batch]:
     """Yields one epoch of this process's part of each global batch.
 
@@ -167,6 +168,8 @@ def iterate_batches(
     [i * B / process_count, (i + 1) * B / process_count) of each global batch of size B.
     `augment(batch, rng)` gets a generator seeded from (seed, epoch, step, process_index).
     With drop_remainder=False the last, smaller batch is yielded too (single process only).
+    `first_step` skips the epoch's first steps without building them (resuming mid-epoch);
+    the batches after it are the same as in an uninterrupted epoch.
 
     Yields:
       {"image": (B_local, S, S, 1) float32, "label": (B_local, S, S) int32}.
@@ -184,7 +187,9 @@ def iterate_batches(
         num_steps = math.ceil(num_examples / batch_size)
     order = np.random.default_rng((seed, epoch)).permutation(num_examples) if shuffle else np.arange(num_examples)
     local_size = batch_size // process_count
-    for step in range(num_steps):
+    if first_step < 0:
+        raise ConfigError(f"first_step must be >= 0, got {first_step}")
+    for step in range(first_step, num_steps):
         global_rows = order[step * batch_size : (step + 1) * batch_size]
         rows = global_rows[process_index * local_size : (process_index + 1) * local_size]
         batch = {"image": dataset.images[rows], "label": dataset.labels[rows]}
