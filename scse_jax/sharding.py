@@ -42,7 +42,9 @@ def _as_int(text: str) -> int:
 
 
 def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> None:
     """Starts jax.distributed for a multi-process run; a no-op for a single process.
 

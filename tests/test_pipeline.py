@@ -47,7 +47,10 @@ def test_splits_are_disjoint_and_test_folds_partition_the_patients(arguments):
         assert set().union(*sets) == set(patients)
         assert len(split.val) == num_val and len(split.train) >= 1
         # Determinism: same arguments, any input order -> the same split.
-        assert split_patients(list(reversed(patients)), num_folds=num_folds, fold=fold, num_val=num_val, seed=seed) == split
+        again = split_patients(
+            list(reversed(patients)), num_folds=num_folds, fold=fold, num_val=num_val, seed=seed
+        )
+        assert again == split
         test_sets.append(set(split.test))
     if num_folds == 1:
         assert test_sets == [set()]
@@ -250,7 +253,8 @@ def test_augmentation_changes_examples_reproducibly():
 
 
 def test_iterate_batches_applies_augmentation_per_step():
-    dataset = SliceDataset(**{"images": left_object_batch(8)["image"], "labels": left_object_batch(8)["label"]})
+    batch = left_object_batch(8)
+    dataset = SliceDataset(images=batch["image"], labels=batch["label"])
     calls = []
 
     def augment(batch, rng):
@@ -304,7 +308,8 @@ def test_prefetch_stops_its_thread_when_closed_early():
 
 
 def test_first_step_resumes_an_epoch_with_the_same_batches():
-    dataset = SliceDataset(**{"images": left_object_batch(12)["image"], "labels": left_object_batch(12)["label"]})
+    batch = left_object_batch(12)
+    dataset = SliceDataset(images=batch["image"], labels=batch["label"])
     dataset.images[:, 0, 0, 0] = np.arange(12)  # tell examples apart
     common = dict(batch_size=4, epoch=5, seed=9, augment=lambda b, rng: augment_batch(b, rng, modality="MR"))
     whole = list(iterate_batches(dataset, **common))

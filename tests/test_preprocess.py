@@ -268,7 +268,7 @@ def test_failed_write_leaves_no_entry_and_no_temp_file(case, cache_dir, monkeypa
         handle.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(preprocess.np, "savez", interrupted_savez)
+    monkeypatch.setattr(preprocess.np, "savez_compressed", interrupted_savez)
     with pytest.raises(KeyboardInterrupt):
         prepare_case(case, SETTINGS, cache_dir, load=CountingLoader())
     assert list(cache_dir.iterdir()) == []
@@ -285,7 +285,8 @@ def test_cache_inside_the_data_folder_is_refused(case):
 
 def test_bad_volumes_are_data_errors(case):
     def mismatched(case):
-        return Volume(np.zeros((3, 8, 8), np.float32), Geometry.from_spacing((1, 1, 1)), np.zeros((3, 8, 9), np.uint8))
+        labels = np.zeros((3, 8, 9), np.uint8)
+        return Volume(np.zeros((3, 8, 8), np.float32), Geometry.from_spacing((1, 1, 1)), labels)
 
     def non_finite(case):
         voxels = np.zeros((3, 8, 8), np.float32)

@@ -85,7 +85,8 @@ def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
     sharding.initialize_distributed()
     sharding.initialize_distributed(num_processes=1)
     # A single-task SLURM job is still one process.
-    for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+    single_task = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}
+    for name, value in dict(single_task, SLURM_PROCID="0", SLURM_LOCALID="0").items():
         monkeypatch.setenv(name, value)
     sharding.initialize_distributed()
     assert calls == []

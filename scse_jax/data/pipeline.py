@@ -47,7 +47,8 @@ def split_patients(
     test set. The result depends only on the set of patients and the arguments.
     """
     patients = [str(p) for p in patients]
-    duplicates = sorted((p for p, n in collections.Counter(patients).items() if n > 1), key=_patient_order)
+    counts = collections.Counter(patients)
+    duplicates = sorted((p for p, n in counts.items() if n > 1), key=_patient_order)
     if duplicates:
         raise ConfigError(f"patient ids must be unique; repeated: {duplicates}")
     if num_folds < 1:
@@ -75,7 +76,9 @@ def split_patients(
     def ordered_tuple(ids):
         return tuple(sorted(ids, key=_patient_order))
 
-    return Split(train=ordered_tuple(rest[num_val:]), val=ordered_tuple(rest[:num_val]), test=ordered_tuple(test))
+    return Split(
+        train=ordered_tuple(rest[num_val:]), val=ordered_tuple(rest[:num_val]), test=ordered_tuple(test)
+    )
 
 
 def class_weights(label_arrays: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
@@ -114,7 +117,8 @@ class SliceDataset:
     labels: np.ndarray
 
     def __post_init__(self):
-        if self.images.ndim != 4 or self.images.shape[-1] != 1 or self.labels.shape != self.images.shape[:3]:
+        shapes_match = self.images.ndim == 4 and self.labels.shape == self.images.shape[:3]
+        if not shapes_match or self.images.shape[-1] != 1:
             raise DataError(
                 f"images (N, S, S, 1) and labels (N, S, S) must match; got {self.images.shape} "
                 f"and {self.labels.shape}"
@@ -175,7 +179,9 @@ def iterate_batches(
       {"image": (B_local, S, S, 1) float32, "label": (B_local, S, S) int32}.
     """
     if batch_size < 1 or batch_size % process_count:
-        raise ConfigError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
+        raise ConfigError(
+            f"batch_size {batch_size} must be a positive multiple of process_count {process_count}"
+        )
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
     num_examples = len(dataset)
@@ -185,7 +191,10 @@ def iterate_batches(
         raise ConfigError("drop_remainder=False is only supported with a single process")
     else:
         num_steps = math.ceil(num_examples / batch_size)
-    order = np.random.default_rng((seed, epoch)).permutation(num_examples) if shuffle else np.arange(num_examples)
+    if shuffle:
+        order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    else:
+        order = np.arange(num_examples)
     local_size = batch_size // process_count
     if first_step < 0:
         raise ConfigError(f"first_step must be >= 0, got {first_step}")
@@ -229,12 +238,9 @@ def augment_batch(batch: Batch, rng: np.random.Generator, *, modality: str) -> B
         cos, sin = np.cos(angle[example]) / scale[example], np.sin(angle[example]) / scale[example]
         matrix = np.array([[cos, -sin], [sin, cos]])
         offset = centre - matrix @ centre - shift[example]
-        ndimage.affine_transform(
-            images[example, ..., 0], matrix, offset, order=1, mode="nearest", output=moved_images[example]
-        )
-        ndimage.affine_transform(
-            labels[example], matrix, offset, order=0, mode="nearest", output=moved_labels[example]
-        )
+        pairs = ((images[example, ..., 0], moved_images, 1), (labels[example], moved_labels, 0))
+        for source, moved, order in pairs:  # bilinear image, nearest labels, same transform
+            ndimage.affine_transform(source, matrix, offset, order=order, mode="nearest", output=moved[example])
     contrast = rng.uniform(*_CONTRAST_RANGE, (count, 1, 1))
     brightness = rng.uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (count, 1, 1))
     moved_images = moved_images * contrast + brightness

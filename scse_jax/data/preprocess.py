@@ -12,7 +12,7 @@ bilinear interpolation, labels nearest neighbour (input pixel floor((j + 0.5) * 
 so a label map taken to the training grid and back with integer factors is unchanged.
 Non-square slices are stretched onto the square grid and stretched back the same way.
 
-The cache holds one uncompressed `.npz` (no pickled objects) per case and settings, named
+The cache holds one compressed `.npz` (no pickled objects) per case and settings, named
 `<case key>-<hash>.npz`, where the hash covers the source files (path, size, mtime) and the
 settings. Entries are written atomically (temporary file in the same folder, fsync, rename),
 read with `allow_pickle=False`, and checked (keys, shapes, dtypes, stored digest); a damaged
@@ -247,7 +247,8 @@ def _from_arrays(arrays: dict[str, np.ndarray], key: str, size: int) -> Prepared
         raise ValueError("entry belongs to another key")
     native_shape = tuple(int(v) for v in arrays["native_shape"])
     images = arrays["images"]
-    if len(native_shape) != 3 or images.dtype != np.float32 or images.shape != (native_shape[0], size, size):
+    expected_images = (native_shape[0], size, size) if len(native_shape) == 3 else None
+    if images.dtype != np.float32 or images.shape != expected_images:
         raise ValueError(f"images of shape {images.shape} do not fit native shape {native_shape}")
     labels = arrays.get("labels")
     native_labels = arrays.get("native_labels")
@@ -288,7 +289,7 @@ def _write_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
     )
     try:
         with handle:
-            np.savez(handle, **arrays)
+            np.savez_compressed(handle, **arrays)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
@@ -358,7 +359,9 @@ def _prepare_with_status(
         try:
             return _read_entry(path, key, settings.image_size), "cached"
         except Exception as error:  # any damage at all means: rebuild
-            log.warning("cache entry %s is damaged (%s: %s); rebuilding it", path, type(error).__name__, error)
+            log.warning(
+                "cache entry %s is damaged (%s: %s); rebuilding it", path, type(error).__name__, error
+            )
             status = "rebuilt"
     prepared = _prepare_volume(case, load(case), settings)
     try:
