@@ -6,8 +6,11 @@ Everything here is host-side numpy; `scse_jax.sharding` moves batches onto the d
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -215,6 +218,12 @@ _CONTRAST_RANGE = (0.9, 1.1)
 _BRIGHTNESS = {"CT": 0.05, "MR": 0.1}  # CT lies in [0, 1], MR is z-scored
 
 
+@functools.cache
+def _warp_pool() -> concurrent.futures.ThreadPoolExecutor:
+    workers = min(8, os.cpu_count() or 1)
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="augment")
+
+
 def augment_batch(batch: Batch, rng: np.random.Generator, *, modality: str) -> Batch:
     """Random rotation, isotropic scale and shift per example, plus intensity jitter.
 
@@ -234,13 +243,17 @@ def augment_batch(batch: Batch, rng: np.random.Generator, *, modality: str) -> B
     centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
     moved_images = np.empty(images.shape[:3], np.float32)
     moved_labels = np.empty_like(labels)
-    for example in range(count):
+
+    def warp(example: int) -> None:
         cos, sin = np.cos(angle[example]) / scale[example], np.sin(angle[example]) / scale[example]
         matrix = np.array([[cos, -sin], [sin, cos]])
         offset = centre - matrix @ centre - shift[example]
         pairs = ((images[example, ..., 0], moved_images, 1), (labels[example], moved_labels, 0))
         for source, moved, order in pairs:  # bilinear image, nearest labels, same transform
             ndimage.affine_transform(source, matrix, offset, order=order, mode="nearest", output=moved[example])
+
+    # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
+    list(_warp_pool().map(warp, range(count)))
     contrast = rng.uniform(*_CONTRAST_RANGE, (count, 1, 1))
     brightness = rng.uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (count, 1, 1))
     moved_images = moved_images * contrast + brightness
