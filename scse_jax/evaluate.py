@@ -1,0 +1,174 @@
+"""Scores segmentations the way the CHAOS challenge does, and writes result tables.
+
+Command line (scores one PNG-series segmentation against its PNG ground truth)::
+
+    python -m scse_jax.evaluate --ground DIR --seg DIR --dicom DIR [--json]
+
+As in the challenge's own evaluation (github.com/emrekavur/CHAOS-evaluation): the PNGs of
+each folder and the ``*.dcm`` files are taken in sorted file-name order and must pair one to
+one; the DICOM series supplies the geometry that puts voxels in millimetres. The task follows
+the series' DICOM Modality: CT scores the liver (any nonzero gray value), MR scores four organs
+from the CHAOS gray values (liver 55-70, right kidney 110-135, left kidney 175-200, spleen
+240-255; any other nonzero value is an error, see ``scse_jax.data.labels``).
+
+Output: one line per organ, or with ``--json`` one JSON object: for CT
+``{"dice", "jaccard", "ravd", "assd", "mssd"}``, for MR one such object per organ name.
+Infinite values (empty masks, see ``scse_jax.metrics``) are written as JSON ``null``.
+Bad input prints one ``error: ...`` line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from scse_jax import metrics
+from scse_jax.data import dicom
+from scse_jax.data.labels import read_ground
+from scse_jax.data.types import CLASS_NAMES
+from scse_jax.errors import DataError, ScseError
+
+ROW_FIELDS = ("patient", "organ") + metrics.METRIC_NAMES
+_TABLE_HEADERS = ("patient", "organ", "Dice", "Jaccard", "RAVD (%)", "ASSD (mm)", "MSSD (mm)")
+
+
+def sorted_files(folder: Path | str, suffix: str) -> list[Path]:
+    """The visible files of `folder` ending in `suffix` (any case), in sorted name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such directory")
+    files = sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() == suffix and not path.name.startswith(".") and path.is_file()
+    )
+    if not files:
+        raise DataError(f"{folder}: no {suffix} files")
+    return files
+
+
+def read_modality(dicom_file: Path) -> str:
+    """The DICOM Modality of a series' file: "CT" or "MR"."""
+    modality = str(dicom.read_header(dicom_file).get("Modality", "")).upper()
+    if modality not in ("CT", "MR"):
+        raise DataError(f"{dicom_file}: Modality {modality!r} is neither CT nor MR")
+    return modality
+
+
+def task_class_ids(modality: str) -> tuple[int, ...]:
+    """The class ids scored for a modality: the liver for CT, four organs for MR."""
+    return (1,) if modality == "CT" else tuple(range(1, len(CLASS_NAMES)))
+
+
+def evaluate_png_series(
+    ground_dir: Path | str, seg_dir: Path | str, dicom_dir: Path | str
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """Scores a PNG-series segmentation against PNG ground truth on a DICOM series' geometry.
+
+    Returns:
+      (modality, {organ name: {"dice", "jaccard", "ravd", "assd", "mssd"}}).
+    """
+    ground_files = sorted_files(ground_dir, ".png")
+    seg_files = sorted_files(seg_dir, ".png")
+    dicom_files = sorted_files(dicom_dir, ".dcm")
+    counts = {"ground truth": (len(ground_files), ground_dir), "segmentation": (len(seg_files), seg_dir)}
+    for what, (count, folder) in counts.items():
+        if count != len(dicom_files):
+            raise DataError(
+                f"{folder}: {count} {what} PNGs but {len(dicom_files)} DICOM files in {dicom_dir}"
+            )
+    modality = read_modality(dicom_files[0])
+    voxels, geometry = dicom.read_series(dicom_files)
+    dicom_shape = voxels.shape[1:]
+    ground = read_ground(ground_files, modality)
+    seg = read_ground(seg_files, modality)
+    for labels, folder in ((ground, ground_dir), (seg, seg_dir)):
+        if labels.shape[1:] != dicom_shape:
+            raise DataError(
+                f"{folder}: PNG size {labels.shape[2]} x {labels.shape[1]} differs from the DICOM "
+                f"size {dicom_shape[1]} x {dicom_shape[0]} in {dicom_dir}"
+            )
+    scores = metrics.score_volume(seg, ground, geometry, class_ids=task_class_ids(modality))
+    return modality, {CLASS_NAMES[class_id]: values for class_id, values in scores.items()}
+
+
+def scores_to_rows(patient: str, organ_scores: Mapping[str, Mapping[str, float]]) -> list[dict]:
+    """{organ: scores} of one patient -> rows {patient, organ, dice, jaccard, ravd, assd, mssd}."""
+    return [
+        {"patient": patient, "organ": organ, **{name: float(values[name]) for name in metrics.METRIC_NAMES}}
+        for organ, values in organ_scores.items()
+    ]
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else str(value)
+
+
+def results_table(rows: Sequence[Mapping]) -> str:
+    """A markdown table of result rows (patient, organ, the five metrics to three decimals)."""
+    lines = ["| " + " | ".join(_TABLE_HEADERS) + " |", "|" + "---|" * len(_TABLE_HEADERS)]
+    for row in rows:
+        cells = [str(row["patient"]), str(row["organ"])]
+        cells += [_format_value(float(row[name])) for name in metrics.METRIC_NAMES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Mapping], path: Path | str) -> None:
+    """Writes result rows as CSV (columns ROW_FIELDS), atomically: all of it or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=ROW_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _json_ready(value):
+    if isinstance(value, Mapping):
+        return {key: _json_ready(item) for key, item in value.items()}
+    return value if math.isfinite(value) else None
+
+
+def _summary_line(values: Mapping[str, float]) -> str:
+    return " ".join(f"{name.upper()}={_format_value(values[name])}" for name in metrics.METRIC_NAMES)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scse_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ground", required=True, type=Path, help="folder of ground-truth PNGs")
+    parser.add_argument("--seg", required=True, type=Path, help="folder of segmentation PNGs")
+    parser.add_argument("--dicom", required=True, type=Path, help="folder of the series' DICOM files")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args(argv)
+    try:
+        modality, organ_scores = evaluate_png_series(args.ground, args.seg, args.dicom)
+    except ScseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        result = organ_scores["liver"] if modality == "CT" else organ_scores
+        print(json.dumps(_json_ready(result), indent=2))
+    elif modality == "CT":
+        print(_summary_line(organ_scores["liver"]))
+    else:
+        for organ, values in organ_scores.items():
+            print(f"{organ}: {_summary_line(values)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
