@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scse_jax.data import chaos, synthetic
+from scse_jax.data import chaos
 from scse_jax.data.types import SEQUENCES
 from scse_jax.errors import ConfigError, ScseError
 
@@ -93,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             records = describe_cases(args.path, args.sequences)
             print(json.dumps(records, indent=1) if args.json else format_table(records))
         else:
+            from scse_jax.data import synthetic  # scipy is slow to import and `info` does not need it
+
             out = synthetic.write_synthetic_chaos(
                 args.out,
                 patients=args.patients,

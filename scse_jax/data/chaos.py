@@ -124,7 +124,7 @@ def _t1dual_cases(t1_dir: Path, patient: str) -> list[Case]:
     cases = []
     for folder, sequence in _T1_PHASES:
         if (dicom_dir / folder).is_dir():
-            images = _dicom_files(dicom_dir / folder)
+            images = dicom.series_files(dicom_dir / folder)
             cases.append(_paired_case(patient, "MR", sequence, images, ground, t1_dir))
     if not cases:
         raise DataError(f"{dicom_dir}: empty T1DUAL case folder (expected InPhase/ and/or OutPhase/)")
@@ -136,7 +136,7 @@ def _find_case_folder(case_dir: Path) -> list[Case]:
     patient = case_dir.parent.name if case_dir.name in ("T2SPIR", "T1DUAL") else case_dir.name
     if phases:
         return _t1dual_cases(case_dir, patient)
-    images = _dicom_files(case_dir / "DICOM_anon")
+    images = dicom.series_files(case_dir / "DICOM_anon")
     modality = _modality(images[0])
     sequence = "CT" if modality == "CT" else "T2SPIR"
     return [_paired_case(patient, modality, sequence, images, _ground_files(case_dir), case_dir)]
@@ -155,7 +155,7 @@ def _modality(path: Path) -> str:
 
 
 def _dicom_case(case_dir: Path, patient: str, modality: str, sequence: str) -> Case:
-    images = _dicom_files(case_dir / "DICOM_anon")
+    images = dicom.series_files(case_dir / "DICOM_anon")
     return _paired_case(patient, modality, sequence, images, _ground_files(case_dir), case_dir)
 
 
@@ -163,17 +163,6 @@ def _paired_case(patient, modality, sequence, images, ground, case_dir: Path) ->
     if ground is not None:
         _check_counts(images, ground, str(case_dir))
     return Case(patient, modality, sequence, tuple(images), tuple(ground or ()), "dicom")
-
-
-def _dicom_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: missing DICOM folder (empty case folder?)")
-    files = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"), key=lambda p: p.name
-    )
-    if not files:
-        raise DataError(f"{folder}: no DICOM files (*.dcm)")
-    return files
 
 
 def _ground_files(case_dir: Path) -> list[Path] | None:

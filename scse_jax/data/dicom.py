@@ -39,6 +39,19 @@ class SliceHeader:
     slice_thickness: float | None
 
 
+def series_files(folder: Path | str) -> list[Path]:
+    """A folder's DICOM slices (*.dcm) in sorted-file-name order (the CHAOS convention)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: missing DICOM folder (empty case folder?)")
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"), key=lambda p: p.name
+    )
+    if not files:
+        raise DataError(f"{folder}: no DICOM files (*.dcm)")
+    return files
+
+
 def read_header(path: Path | str) -> pydicom.Dataset:
     """Reads a DICOM file's header only (no pixel data); DataError when it is not DICOM."""
     return _read(Path(path), stop_before_pixels=True)
