@@ -1,5 +1,6 @@
 """Synthetic CHAOS-format phantoms: real files, the CHAOS layout, plausible anatomy, determinism."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,18 @@ def test_atomic_write_and_refusals(tmp_path, monkeypatch):
     for bad in (dict(patients=0), dict(size=8), dict(slices=1), dict(modalities=("PET",))):
         with pytest.raises(ConfigError):
             write_synthetic_chaos(tmp_path / "other", **bad)
+
+
+def test_a_concurrent_writer_keeps_the_first_complete_tree(tmp_path, monkeypatch):
+    out = tmp_path / "tree"
+    write_patient = synthetic._write_patient
+
+    def racing(root, *args, **kwargs):
+        write_patient(root, *args, **kwargs)
+        if not out.exists():
+            shutil.copytree(root, out)  # another process finishes first
+
+    monkeypatch.setattr(synthetic, "_write_patient", racing)
+    assert write_synthetic_chaos(out, patients=1, slices=2, size=32, modalities=("CT",)) == out
+    assert [c.key for c in chaos.find_cases(out)] == ["CT_1_CT"]
+    assert list(tmp_path.iterdir()) == [out]  # the loser's staging folder is gone

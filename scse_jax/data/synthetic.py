@@ -13,8 +13,8 @@ files) and is written into a hidden temporary folder, then renamed into place.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,16 +79,21 @@ def write_synthetic_chaos(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir}: exists and is not an empty folder; refusing to overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         for modality in modalities:
             for number in range(1, patients + 1):
                 _write_patient(staging, modality, number, slices=slices, size=size, seed=seed)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        try:
+            if out_dir.exists():
+                out_dir.rmdir()
+            staging.rename(out_dir)
+        except OSError:
+            # Several processes (e.g. the hosts of one run) may write the same tree at once:
+            # the first complete one stays, the others are dropped.
+            if not (out_dir.is_dir() and any(out_dir.iterdir())):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
