@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
@@ -20,6 +20,8 @@ def main(argv):
     from scse_jax import train
     from scse_jax.errors import ScseError
 
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import math
 import os
@@ -418,11 +417,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     class_names = data.class_names
     num_classes = len(class_names)
     steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"config.train.batch_size: {config.train.batch_size} is larger than the {len(data.train)} training slices"
-        )
     total_steps = steps_per_epoch * config.train.num_epochs
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep_latest=config.checkpoint.keep_latest)
+    latest = ckpts.latest_step()
+    if latest is not None:
+        meta = ckpts.restore_meta(latest)
+        _check_model_matches(meta, config, ckpts.directory)
+        if meta.get("steps_per_epoch") != steps_per_epoch:
+            raise ConfigError(
+                f"the run in {workdir} has {meta.get('steps_per_epoch')} steps per epoch, this config "
+                f"{steps_per_epoch}: the data or batch size changed; use another --workdir"
+            )
 
     model = build_model(config.model, num_classes)
     tx = make_optimizer(config.train, steps_per_epoch)
@@ -434,19 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     schedule = learning_rate_schedule(config.train, steps_per_epoch)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep_latest=config.checkpoint.keep_latest)
     log = RunLog(workdir, enabled=is_chief)
     partial = {"loss_sum": 0.0, "loss_count": 0}
-    latest = ckpts.latest_step()
     if latest is not None:
-        meta = ckpts.restore_meta(latest)
-        _check_model_matches(meta, config, ckpts.directory)
-        if meta.get("steps_per_epoch") != steps_per_epoch:
-            raise ConfigError(
-                f"the run in {workdir} has {meta.get('steps_per_epoch')} steps per epoch, this config "
-                f"{steps_per_epoch}: the data or batch size changed; use another --workdir"
-            )
         state, meta = ckpts.restore(latest, abstract_state)
         partial = meta.get("partial_epoch", partial)
         print(f"Resuming from step {latest} (epoch {latest // steps_per_epoch}) in {ckpts.directory}", flush=True)
@@ -489,8 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 ),
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
+                first_step=skip,
             )
-            host_batches = itertools.islice(host_batches, skip, None)
             step_losses: list[tuple[int, dict[str, jax.Array]]] = []
             epoch_start = time.perf_counter()
             window_start, window_images = time.perf_counter(), 0

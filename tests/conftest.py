@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
+# Tests build the same tiny programs many times; a persistent cache compiles each once.
+jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".cache" / "jax_tests"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CT_SAMPLE = Path(os.environ.get("SCSE_CHAOS_CT_SAMPLE", PROJECT_ROOT / "../shared/data/chaos_ct_sample"))

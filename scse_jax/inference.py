@@ -1,0 +1,181 @@
+"""Trained models for notebooks and scripts: one import, one call, one compiled function.
+
+    from scse_jax.inference import Segmenter
+    segmenter = Segmenter.from_checkpoint("runs/mr_scse")     # latest; which="best" for the best
+    labels = segmenter.segment_series("MR/1/T2SPIR/DICOM_anon")  # (slices, rows, cols) class ids
+
+Slices go through the network in batches of a fixed size (the last one padded), so volumes
+of any length reuse one compiled function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from scse_jax import checkpoint, sharding
+from scse_jax.data import preprocess
+from scse_jax.data.types import Volume
+from scse_jax.errors import CheckpointError, ConfigError
+
+# Test-time shifts in pixels of the training grid: small translations respect anatomy,
+# unlike left-right flips, which swap the kidneys.
+TTA_SHIFTS = ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4))
+
+
+def _predict_probabilities(variables, images, *, model, tta: bool) -> jax.Array:
+    """Class probabilities (B, H, W, C) in eval mode, averaged over shifts when ``tta``."""
+    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
+    total = 0.0
+    for dy, dx in shifts:
+        shifted = jnp.roll(images, (dy, dx), axis=(1, 2))
+        logits = model.apply(variables, shifted, train=False)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        total = total + jnp.roll(probs, (-dy, -dx), axis=(1, 2))
+    return total / len(shifts)
+
+
+class Segmenter:
+    """A trained network with its preprocessing, ready to segment slices, volumes and series."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        variables: dict[str, Any],
+        class_names: tuple[str, ...],
+        *,
+        batch_size: int | None = None,
+        step: int | None = None,
+    ):
+        from scse_jax.train import build_model
+
+        self.config = config
+        self.class_names = tuple(class_names)
+        self.step = step
+        self.mesh = sharding.make_data_mesh()
+        self.batch_size = batch_size or config.eval.batch_size
+        sharding.check_batch_size(self.batch_size, self.mesh)
+        self.settings = preprocess.PreprocessSettings(image_size=config.data.image_size)
+        self.model = build_model(config.model, len(self.class_names))
+        self.variables = jax.device_put(variables, sharding.replicated_sharding(self.mesh))
+        self.traces = 0  # how many times the prediction function was traced (= compiled)
+        self._predict = {}
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, *, which: str = "latest", batch_size: int | None = None
+    ) -> "Segmenter":
+        """Restores config, parameters and BatchNorm statistics from a run's workdir or checkpoint folder.
+
+        Args:
+          path: a workdir (holding ``checkpoints/``) or the checkpoint folder itself.
+          which: "latest", "best" (highest validation Dice) or a step number.
+        """
+        directory = checkpoint.checkpoint_dir(path)
+        ckpts = checkpoint.Checkpoints(directory, read_only=True)
+        try:
+            if which == "latest":
+                step = ckpts.latest_step()
+            elif which == "best":
+                step = ckpts.best_step()
+            else:
+                step = int(which)
+                if step not in ckpts.steps():
+                    raise CheckpointError(f"no checkpoint {step} in {directory}; there are {ckpts.steps()}")
+            if step is None:
+                raise CheckpointError(f"no {which} checkpoint in {directory}")
+            meta = ckpts.restore_meta(step)
+            if "config" not in meta or "class_names" not in meta:
+                raise CheckpointError(f"{directory / str(step)} is not a scse_jax checkpoint (no config in it)")
+            config = ml_collections.ConfigDict(meta["config"])
+            class_names = tuple(meta["class_names"])
+            state = _restore_state(ckpts, step, meta, config, len(class_names))
+        finally:
+            ckpts.close()
+        return cls(config, state.variables(), class_names, batch_size=batch_size, step=step)
+
+    def _compiled(self, *, probabilities: bool, tta: bool):
+        key = (probabilities, tta)
+        if key not in self._predict:
+
+            def predict(variables, images):
+                self.traces += 1
+                probs = _predict_probabilities(variables, images, model=self.model, tta=tta)
+                return probs if probabilities else jnp.argmax(probs, axis=-1).astype(jnp.uint8)
+
+            replicated = sharding.replicated_sharding(self.mesh)
+            batch = sharding.batch_sharding(self.mesh)
+            self._predict[key] = jax.jit(predict, in_shardings=(replicated, batch), out_shardings=batch)
+        return self._predict[key]
+
+    def segment(self, images: np.ndarray, *, probabilities: bool = False, tta: bool = False) -> np.ndarray:
+        """Segments preprocessed slices on the training grid.
+
+        Args:
+          images: (N, S, S) or (N, S, S, 1) normalised slices, S = config.data.image_size.
+          probabilities: return (N, S, S, C) class probabilities instead of (N, S, S) class ids.
+          tta: average over small shifts (anatomy-preserving test-time augmentation).
+        """
+        images = np.asarray(images, np.float32)
+        if images.ndim == 3:
+            images = images[..., None]
+        size = self.settings.image_size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 1):
+            raise ConfigError(f"segment() expects (N, {size}, {size}[, 1]) slices, got {images.shape}")
+        predict = self._compiled(probabilities=probabilities, tta=tta)
+        count = len(images)
+        outputs = []
+        for start in range(0, count, self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            valid = len(chunk)
+            if valid < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid,) + chunk.shape[1:], np.float32)])
+            result = predict(self.variables, sharding.shard_batch({"image": chunk}, self.mesh)["image"])
+            outputs.append(np.asarray(result)[:valid])
+        return np.concatenate(outputs) if outputs else np.zeros((0, size, size), np.uint8)
+
+    def segment_volume(
+        self, volume: Volume | np.ndarray, *, modality: str | None = None, probabilities: bool = False, tta: bool = False
+    ) -> np.ndarray:
+        """Segments a whole native volume (slices, rows, cols) and returns it on the native grid.
+
+        Preprocessing is the training one (normalisation, resizing); class ids come back
+        (slices, rows, cols) uint8, or probabilities (slices, rows, cols, C) float32.
+        """
+        voxels = volume.voxels if isinstance(volume, Volume) else np.asarray(volume, np.float32)
+        if voxels.ndim != 3:
+            raise ConfigError(f"segment_volume() expects a (slices, rows, cols) volume, got {voxels.shape}")
+        modality = modality or self.config.data.modality
+        images = preprocess.resize_slices(
+            preprocess.normalise(voxels, modality, self.settings), self.settings.image_size, order=1
+        )
+        result = self.segment(images, probabilities=probabilities, tta=tta)
+        if not probabilities:
+            return preprocess.resize_to_native(result, voxels.shape[1:])
+        channels = [preprocess.resize_to_grid(result[..., c], voxels.shape[1:], order=1) for c in range(result.shape[-1])]
+        return np.stack(channels, axis=-1)
+
+    def segment_series(self, dicom_dir: str | Path, **kwargs) -> np.ndarray:
+        """Segments a DICOM series folder; returns (slices, rows, cols) in the series' file order."""
+        from scse_jax.data import dicom
+
+        files = dicom.series_files(dicom_dir)
+        voxels, geometry = dicom.read_series(files)
+        return self.segment_volume(Volume(voxels, geometry), **kwargs)
+
+
+def _restore_state(ckpts, step: int, meta: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int):
+    from scse_jax import train
+
+    model = train.build_model(config.model, num_classes)
+    tx = train.make_optimizer(config.train, meta["steps_per_epoch"])
+    abstract = train.abstract_train_state(
+        model, tx, image_size=config.data.image_size, mesh=sharding.make_data_mesh()
+    )
+    state, _ = ckpts.restore(step, abstract)
+    return state

@@ -1,0 +1,163 @@
+"""The training loop end to end on tiny synthetic data: files, resume, schedule, sharding."""
+
+import contextlib
+import io
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from scse_jax import sharding, train
+from scse_jax.data import synthetic
+from scse_jax.errors import CheckpointError, ConfigError
+
+
+def tiny_config(data_root, cache_dir, **overrides):
+    config = default.get_config()
+    config.data.root = str(data_root)
+    config.data.cache_dir = str(cache_dir)
+    config.data.image_size = 32
+    config.data.num_folds = 4
+    config.data.num_val_patients = 1
+    config.model.features = 4
+    config.train.batch_size = 8
+    config.train.num_epochs = 1
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 8
+    config.eval.num_overlays = 1
+    for dotted, value in overrides.items():
+        group, name = dotted.split("__")
+        config[group][name] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_synthetic_chaos(root / "chaos", patients=5, size=32, slices=8, seed=0, modalities=("MR",))
+    return root / "chaos", root / "cache"
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir):
+    from scse_jax.inference import Segmenter
+
+    return Segmenter.from_checkpoint(workdir).variables
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_data, tmp_path_factory):
+    """A finished one-epoch run, shared read-only; tests that train more copy it first."""
+    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        summary = train.train_and_evaluate(tiny_config(*tiny_data), workdir)
+    return workdir, buffer.getvalue(), summary
+
+
+def test_one_epoch_leaves_every_artefact(one_epoch_run):
+    run, out, summary = one_epoch_run
+    records = read_metrics(run)
+    assert [(r["split"], r["epoch"]) for r in records] == [("train", 1), ("val", 1)]
+    assert np.isfinite(records[0]["loss"]) and records[0]["step"] > 0
+    assert set(records[1]["dice"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert (run / "config.json").is_file()
+    assert json.loads((run / "config.json").read_text())["model"]["features"] == 4
+    assert any((run / "tensorboard").iterdir())
+    assert (run / "loss_curves.png").stat().st_size > 1000
+    assert list((run / "overlays").glob("*.png"))
+    assert (run / "checkpoints" / str(records[0]["step"])).is_dir()
+    assert "liver" in out and "dice" in out and "img/s" in out
+    assert 0.0 <= summary["dice_mean"] <= 1.0
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(one_epoch_run, tiny_data, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(tiny_config(*tiny_data, train__num_epochs=2), straight)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one_epoch_run[0], resumed)
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(*tiny_data, train__num_epochs=2), resumed)
+    assert "Resuming from step" in capsys.readouterr().out
+    epochs = [(r["split"], r["epoch"]) for r in read_metrics(resumed)]
+    assert epochs == [("train", 1), ("val", 1), ("train", 2), ("val", 2)]
+    # Same seed, same machine: the same losses and parameters, bit for bit.
+    assert [r.get("loss") for r in read_metrics(straight)] == [r.get("loss") for r in read_metrics(resumed)]
+    a = final_params(straight)
+    b = final_params(resumed)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_resume_refuses_another_model(one_epoch_run, tiny_data, tmp_path):
+    shutil.copytree(one_epoch_run[0], tmp_path / "run")
+    with pytest.raises(CheckpointError, match="features"):
+        train.train_and_evaluate(tiny_config(*tiny_data, model__features=8), tmp_path / "run")
+
+
+def test_schedule_halves_every_four_epochs():
+    config = default.get_config()
+    schedule = train.learning_rate_schedule(config.train, steps_per_epoch=3)
+    assert float(schedule(0)) == pytest.approx(0.004)
+    assert float(schedule(11)) == pytest.approx(0.004)  # last step of epoch 4
+    assert float(schedule(12)) == pytest.approx(0.002)  # first step of epoch 5
+    assert float(schedule(23)) == pytest.approx(0.002)
+    assert float(schedule(24)) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("data.image_size", 40, "multiple of 16"),
+        ("train.batch_size", 12, "device count"),
+        ("train.num_epochs", 0, "> 0"),
+        ("model.se", "csse", "none|cse|sse|scse"),
+        ("data.root", "/no/such/folder", "does not exist"),
+    ],
+)
+def test_bad_config_values_are_refused_before_work(field, value, message):
+    config = default.get_config()
+    config.train.batch_size = config.eval.batch_size = 8
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config, device_count=8)
+
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() == 8
+    model = train.build_model(_small_model_config(), 3)
+    # Plain SGD: Adam's g / sqrt(v) would amplify float noise in near-zero gradients.
+    tx = optax.sgd(0.1)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
+        "label": rng.integers(0, 3, size=(8, 32, 32)).astype(np.int32),
+    }
+    weights = jnp.array([0.2, 1.0, 1.8])
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_data_mesh(devices)
+        state, _ = train.create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
+        step = train.jit_train_step(model, tx, default.get_config().train, mesh)
+        weights_on_mesh = jax.device_put(weights, sharding.replicated_sharding(mesh))
+        for _ in range(2):
+            state, parts = step(state, sharding.shard_batch(batch, mesh), weights_on_mesh)
+        results.append((float(parts["loss"]), jax.device_get(state.params), jax.device_get(state.batch_stats)))
+    (loss1, params1, stats1), (loss8, params8, stats8) = results
+    assert loss8 == pytest.approx(loss1, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params1, params8)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats1, stats8)
+
+
+def _small_model_config():
+    config = default.get_config().model
+    config.features = 4
+    return config
