@@ -154,7 +154,10 @@ def test_parameter_shapes_follow_the_paper():
     params = ChannelSpatialSE(reduction=3).init(jax.random.key(0), x)["params"]
     shapes = jax.tree.map(lambda a: a.shape, params)
     assert shapes == {
-        "cse": {"squeeze": {"kernel": (12, 4), "bias": (4,)}, "excite": {"kernel": (4, 12), "bias": (12,)}},
+        "cse": {
+            "squeeze": {"kernel": (12, 4), "bias": (4,)},
+            "excite": {"kernel": (4, 12), "bias": (12,)},
+        },
         "sse": {"squeeze": {"kernel": (1, 1, 1, 12, 1), "bias": (1,)}},
     }
 

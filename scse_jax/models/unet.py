@@ -144,7 +144,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet.upsample must be one of {UPSAMPLINGS}, got {self.upsample!r}")
         if isinstance(self.se_positions, str):
             raise ValueError(
-                f"UNet.se_positions must be a sequence of names, got the string {self.se_positions!r}"
+                "UNet.se_positions must be a sequence of names, "
+                f"got the string {self.se_positions!r}"
             )
         unknown = [p for p in self.se_positions if p not in SE_POSITIONS]
         if unknown:
@@ -190,7 +191,8 @@ class UNet(nn.Module):
             x = self._se("encoder", name)(x)
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = DoubleConv(self.features * 2**DEPTH, dtype=self.dtype, name="bottleneck")(x, train=train)
+        bottleneck_width = self.features * 2**DEPTH
+        x = DoubleConv(bottleneck_width, dtype=self.dtype, name="bottleneck")(x, train=train)
         x = self._se("bottleneck", "bottleneck")(x)
         for level in range(DEPTH, 0, -1):
             name = f"dec{level}"
