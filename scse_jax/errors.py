@@ -9,8 +9,8 @@ class DataError(ScseError):
     """A data file or folder is missing, malformed, too large or inconsistent."""
 
 
-class ConfigError(ScseError):
-    """A configuration value is invalid."""
+class ConfigError(ScseError, ValueError):
+    """A configuration value is invalid (also a ValueError, as Python's own checks raise)."""
 
 
 class CheckpointError(ScseError):

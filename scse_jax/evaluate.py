@@ -1,8 +1,12 @@
 """Scores segmentations the way the CHAOS challenge does, and writes result tables.
 
-Command line (scores one PNG-series segmentation against its PNG ground truth)::
+Command line, scoring one PNG-series segmentation against its PNG ground truth::
 
     python -m scse_jax.evaluate --ground DIR --seg DIR --dicom DIR [--json]
+
+or a trained checkpoint on its run's patient split (per patient and organ; CSV and markdown)::
+
+    python -m scse_jax.evaluate --checkpoint WORKDIR [--split test|val] [--which best|latest] [--csv OUT.csv]
 
 As in the challenge's own evaluation (github.com/emrekavur/CHAOS-evaluation): the PNGs of
 each folder and the ``*.dcm`` files are taken in sorted file-name order and must pair one to
@@ -147,14 +151,63 @@ def _summary_line(values: Mapping[str, float]) -> str:
     return " ".join(f"{name.upper()}={_format_value(values[name])}" for name in metrics.METRIC_NAMES)
 
 
+def score_prepared_cases(segmenter, cases) -> tuple[list[dict], dict[str, object]]:
+    """Segments prepared cases and scores them on their native grid; returns rows and predictions."""
+    from scse_jax.data.preprocess import resize_to_native
+
+    rows, predictions = [], {}
+    class_ids = range(1, len(segmenter.class_names))
+    for case in cases:
+        labels = resize_to_native(segmenter.segment(case.images), case.native_shape[1:])
+        predictions[case.case_key] = labels
+        scores = metrics.score_volume(labels, case.native_labels, case.geometry, class_ids=class_ids)
+        rows += scores_to_rows(case.patient, {segmenter.class_names[c]: v for c, v in scores.items()})
+    return rows, predictions
+
+
+def score_checkpoint(path: Path | str, *, split: str = "test", which: str = "best"):
+    """Scores a run's checkpoint on the patients of one split of its own config.
+
+    Returns (rows, predictions by case key, the prepared cases, the segmenter).
+    """
+    from scse_jax.data.run_data import load_run_data
+    from scse_jax.inference import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(path, which=which)
+    data = load_run_data(segmenter.config)
+    cases = {"test": data.test, "val": data.val}[split]
+    if not cases:
+        raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
+    rows, predictions = score_prepared_cases(segmenter, cases)
+    return rows, predictions, cases, segmenter
+
+
+def _score_checkpoint_command(args) -> int:
+    rows, _, _, segmenter = score_checkpoint(args.checkpoint, split=args.split, which=args.which)
+    print(f"{args.split} patients, checkpoint step {segmenter.step} of {args.checkpoint}:")
+    print(results_table(rows))
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scse_jax.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ground", required=True, type=Path, help="folder of ground-truth PNGs")
-    parser.add_argument("--seg", required=True, type=Path, help="folder of segmentation PNGs")
-    parser.add_argument("--dicom", required=True, type=Path, help="folder of the series' DICOM files")
+    parser.add_argument("--ground", type=Path, help="folder of ground-truth PNGs")
+    parser.add_argument("--seg", type=Path, help="folder of segmentation PNGs")
+    parser.add_argument("--dicom", type=Path, help="folder of the series' DICOM files")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--checkpoint", type=Path, help="a run's workdir: score its model on --split")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--which", default="best", help="best, latest or a step number")
+    parser.add_argument("--csv", type=Path, help="with --checkpoint: also write the rows as CSV")
     args = parser.parse_args(argv)
+    if args.checkpoint is None and None in (args.ground, args.seg, args.dicom):
+        parser.error("give --ground, --seg and --dicom, or --checkpoint")
     try:
+        if args.checkpoint is not None:
+            return _score_checkpoint_command(args)
         modality, organ_scores = evaluate_png_series(args.ground, args.seg, args.dicom)
     except ScseError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -66,21 +66,27 @@ def busiest_slice(labels: np.ndarray) -> int:
     return int(np.argmax((labels > 0).reshape(len(labels), -1).sum(axis=1)))
 
 
-def save_validation_overlays(cases, predictions: dict[str, np.ndarray], out_dir: Path) -> list[Path]:
-    """image | prediction | ground truth for the busiest slice of each case, on the training grid."""
+def save_case_panels(case, named_predictions: dict[str, np.ndarray], path: Path, index: int | None = None) -> Path:
+    """image | one panel per named native-grid prediction | ground truth, for one slice.
+
+    Shown on the training grid; the busiest ground-truth slice unless ``index`` is given.
+    """
     from scse_jax.data.preprocess import resize_slices
 
-    paths = []
-    for case in cases:
-        if case.case_key not in predictions:
-            continue
-        index = busiest_slice(case.labels)
-        prediction = resize_slices(predictions[case.case_key][index : index + 1], case.images.shape[-1], order=0)[0]
-        image = case.images[index]
-        panels = [
-            ("image", image),
-            ("prediction", overlay(image, prediction)),
-            ("ground truth", overlay(image, case.labels[index])),
-        ]
-        paths.append(save_panels(panels, Path(out_dir) / f"{case.case_key}_slice{index:03d}.png"))
-    return paths
+    index = busiest_slice(case.labels) if index is None else index
+    image = case.images[index]
+    panels = [("image", image)]
+    for name, prediction in named_predictions.items():
+        on_grid = resize_slices(prediction[index : index + 1], image.shape[-1], order=0)[0]
+        panels.append((name, overlay(image, on_grid)))
+    panels.append(("ground truth", overlay(image, case.labels[index])))
+    return save_panels(panels, path)
+
+
+def save_validation_overlays(cases, predictions: dict[str, np.ndarray], out_dir: Path) -> list[Path]:
+    """image | prediction | ground truth for the busiest slice of each case."""
+    return [
+        save_case_panels(case, {"prediction": predictions[case.case_key]}, Path(out_dir) / f"{case.case_key}.png")
+        for case in cases
+        if case.case_key in predictions
+    ]

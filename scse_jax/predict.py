@@ -78,16 +78,24 @@ def write_nifti(labels: np.ndarray, index_to_patient: np.ndarray, path: Path) ->
     nibabel.save(image, str(path))
 
 
-def _jobs(input_path: Path, output: Path, modality: str):
-    """(description, dicom files, destination folder) for every series to segment."""
-    from scse_jax.data import chaos
+def _jobs(input_path: Path, output: Path, modality: str, sequences: tuple[str, ...]):
+    """(description, dicom files, destination folder) for every series to segment.
 
-    direct = sorted(input_path.glob("*.dcm")) if input_path.is_dir() else []
-    if direct:
-        return [(input_path.name, tuple(direct), output)]
-    cases = [c for c in chaos.find_cases(input_path) if c.modality == modality and c.file_format == "dicom"]
+    In a CHAOS tree only the modality and sequences the model was trained on are segmented.
+    """
+    from scse_jax.data import chaos, dicom
+
+    if input_path.is_dir() and any(input_path.glob("*.dcm")):
+        return [(input_path.name, tuple(dicom.series_files(input_path)), output)]
+    cases = [
+        c
+        for c in chaos.find_cases(input_path)
+        if c.modality == modality and c.sequence in sequences and c.file_format == "dicom"
+    ]
     if not cases:
-        raise ScseError(f"no {modality} DICOM series under {input_path} (the model was trained on {modality})")
+        raise ScseError(
+            f"no {modality} {'/'.join(sequences)} DICOM series under {input_path} (what the model was trained on)"
+        )
     return [
         (f"{c.modality} {c.patient} {c.sequence}", c.image_files, case_output_dir(output, c.modality, c.patient, c.sequence))
         for c in cases
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if not input_path.exists():
         raise ScseError(f"--input {input_path} does not exist")
     segmenter = Segmenter.from_checkpoint(args.checkpoint, which=args.which)
-    jobs = _jobs(input_path, output, segmenter.config.data.modality)
+    jobs = _jobs(input_path, output, segmenter.config.data.modality, tuple(segmenter.config.data.sequences))
     for _, files, folder in jobs:
         target = folder / "segmentation.nii.gz" if args.format == "nifti" else folder
         if target.exists() and any(target.iterdir() if target.is_dir() else [target]) and not args.force:

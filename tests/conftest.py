@@ -36,3 +36,53 @@ def mr_t2_dir() -> Path:
     if not any(MR_T2.glob("image_*.nii.gz")):
         pytest.skip(f"real CHAOS MR T2 NIfTI folder not found at {MR_T2} (set SCSE_CHAOS_MR_T2)")
     return MR_T2
+
+
+def tiny_config(data_root, cache_dir, **overrides):
+    """A run small enough to train in seconds: 32 px, width 4, batches of 8 (one per fake device)."""
+    from configs import default
+
+    config = default.get_config()
+    config.data.root = str(data_root)
+    config.data.cache_dir = str(cache_dir)
+    config.data.image_size = 32
+    config.data.num_folds = 4
+    config.data.num_val_patients = 1
+    config.model.features = 4
+    config.train.batch_size = 8
+    config.train.num_epochs = 1
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 8
+    config.eval.num_overlays = 1
+    for dotted, value in overrides.items():
+        group, name = dotted.split("__")
+        config[group][name] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(synthetic MR CHAOS tree of 5 patients, 32 x 32 x 8, and a cache folder)."""
+    from scse_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_synthetic_chaos(root / "chaos", patients=5, size=32, slices=8, seed=0, modalities=("MR",))
+    return root / "chaos", root / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tiny_data, tmp_path_factory):
+    """A finished one-epoch run on tiny_data: (workdir, its stdout, its validation summary).
+
+    Shared read-only; a test that trains more copies it first.
+    """
+    import contextlib
+    import io
+
+    from scse_jax import train
+
+    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        summary = train.train_and_evaluate(tiny_config(*tiny_data), workdir)
+    return workdir, buffer.getvalue(), summary

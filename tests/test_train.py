@@ -1,7 +1,5 @@
 """The training loop end to end on tiny synthetic data: files, resume, schedule, sharding."""
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -13,34 +11,8 @@ import pytest
 
 from configs import default
 from scse_jax import sharding, train
-from scse_jax.data import synthetic
 from scse_jax.errors import CheckpointError, ConfigError
-
-
-def tiny_config(data_root, cache_dir, **overrides):
-    config = default.get_config()
-    config.data.root = str(data_root)
-    config.data.cache_dir = str(cache_dir)
-    config.data.image_size = 32
-    config.data.num_folds = 4
-    config.data.num_val_patients = 1
-    config.model.features = 4
-    config.train.batch_size = 8
-    config.train.num_epochs = 1
-    config.train.log_every_steps = 1
-    config.eval.batch_size = 8
-    config.eval.num_overlays = 1
-    for dotted, value in overrides.items():
-        group, name = dotted.split("__")
-        config[group][name] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.write_synthetic_chaos(root / "chaos", patients=5, size=32, slices=8, seed=0, modalities=("MR",))
-    return root / "chaos", root / "cache"
+from tests.conftest import tiny_config
 
 
 def read_metrics(workdir):
@@ -53,18 +25,8 @@ def final_params(workdir):
     return Segmenter.from_checkpoint(workdir).variables
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(tiny_data, tmp_path_factory):
-    """A finished one-epoch run, shared read-only; tests that train more copy it first."""
-    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        summary = train.train_and_evaluate(tiny_config(*tiny_data), workdir)
-    return workdir, buffer.getvalue(), summary
-
-
-def test_one_epoch_leaves_every_artefact(one_epoch_run):
-    run, out, summary = one_epoch_run
+def test_one_epoch_leaves_every_artefact(tiny_trained_run):
+    run, out, summary = tiny_trained_run
     records = read_metrics(run)
     assert [(r["split"], r["epoch"]) for r in records] == [("train", 1), ("val", 1)]
     assert np.isfinite(records[0]["loss"]) and records[0]["step"] > 0
@@ -79,11 +41,11 @@ def test_one_epoch_leaves_every_artefact(one_epoch_run):
     assert 0.0 <= summary["dice_mean"] <= 1.0
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(one_epoch_run, tiny_data, tmp_path, capsys):
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_trained_run, tiny_data, tmp_path, capsys):
     straight = tmp_path / "straight"
     train.train_and_evaluate(tiny_config(*tiny_data, train__num_epochs=2), straight)
     resumed = tmp_path / "resumed"
-    shutil.copytree(one_epoch_run[0], resumed)
+    shutil.copytree(tiny_trained_run[0], resumed)
     capsys.readouterr()
     train.train_and_evaluate(tiny_config(*tiny_data, train__num_epochs=2), resumed)
     assert "Resuming from step" in capsys.readouterr().out
@@ -96,8 +58,8 @@ def test_resume_continues_and_matches_an_uninterrupted_run(one_epoch_run, tiny_d
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_resume_refuses_another_model(one_epoch_run, tiny_data, tmp_path):
-    shutil.copytree(one_epoch_run[0], tmp_path / "run")
+def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
+    shutil.copytree(tiny_trained_run[0], tmp_path / "run")
     with pytest.raises(CheckpointError, match="features"):
         train.train_and_evaluate(tiny_config(*tiny_data, model__features=8), tmp_path / "run")
 

@@ -1,0 +1,72 @@
+"""Segmenter: restore without training data, one compiled function, native-grid results."""
+
+import numpy as np
+import pytest
+
+from scse_jax.data import chaos, dicom
+from scse_jax.errors import CheckpointError
+from scse_jax.inference import Segmenter
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_trained_run):
+    return Segmenter.from_checkpoint(tiny_trained_run[0])
+
+
+def test_restores_config_classes_and_step(segmenter, tiny_trained_run):
+    assert segmenter.class_names == ("background", "liver", "right_kidney", "left_kidney", "spleen")
+    assert segmenter.config.model.features == 4
+    assert segmenter.step > 0
+    best = Segmenter.from_checkpoint(tiny_trained_run[0] / "checkpoints", which="best")
+    assert best.step == segmenter.step  # one epoch: latest is best
+
+
+def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        Segmenter.from_checkpoint(tmp_path / "nothing")
+    (tmp_path / "other" / "3").mkdir(parents=True)
+    (tmp_path / "other" / "3" / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError):
+        Segmenter.from_checkpoint(tmp_path / "other")
+
+
+def test_segment_labels_and_probabilities(segmenter):
+    images = np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32)
+    labels = segmenter.segment(images)
+    assert labels.shape == (3, 32, 32) and labels.dtype == np.uint8 and labels.max() < 5
+    probs = segmenter.segment(images, probabilities=True)
+    assert probs.shape == (3, 32, 32, 5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(-1), labels)
+    tta = segmenter.segment(images, probabilities=True, tta=True)
+    np.testing.assert_allclose(tta.sum(-1), 1.0, atol=1e-5)
+    with pytest.raises(Exception, match="expects"):
+        segmenter.segment(np.zeros((2, 48, 48), np.float32))
+
+
+def test_volumes_of_any_length_reuse_one_compilation(segmenter, tiny_data):
+    case = chaos.find_cases(tiny_data[0])[0]
+    volume = chaos.load_case(case)
+    fresh = Segmenter(segmenter.config, segmenter.variables, segmenter.class_names)
+    first = fresh.segment_volume(volume)
+    shorter = fresh.segment_volume(volume.voxels[:5])
+    longer = fresh.segment_volume(np.concatenate([volume.voxels] * 3))
+    assert fresh.traces == 1
+    assert first.shape == volume.voxels.shape and shorter.shape == (5,) + volume.voxels.shape[1:]
+    assert longer.shape == (3 * len(volume.voxels),) + volume.voxels.shape[1:]
+    # The same slices give the same labels (up to float ties from renormalising the longer volume).
+    assert np.mean(longer[: len(first)] == first) > 0.999
+
+
+def test_segment_series_keeps_the_series_order_and_size(segmenter, tiny_data):
+    case = chaos.find_cases(tiny_data[0])[0]
+    folder = case.image_files[0].parent
+    labels = segmenter.segment_series(folder)
+    voxels, _ = dicom.read_series(dicom.series_files(folder))
+    assert labels.shape == voxels.shape
+    np.testing.assert_array_equal(labels, segmenter.segment_volume(voxels))
+
+
+def test_segment_series_on_the_real_ct_sample(segmenter, ct_sample_dir):
+    labels = segmenter.segment_series(ct_sample_dir / "DICOM_anon", modality="CT")
+    assert labels.shape == (78, 512, 512) and labels.dtype == np.uint8
