@@ -27,8 +27,11 @@ def main(argv):
     try:
         train.train_and_evaluate(config, workdir)
     except ScseError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         sys.exit(1)
+    except KeyboardInterrupt:  # before training started: nothing was saved, nothing to resume
+        print("error: interrupted before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

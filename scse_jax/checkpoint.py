@@ -33,9 +33,10 @@ class Checkpoints:
     """The checkpoints of one run: save, list, restore."""
 
     def __init__(self, directory: str | Path, *, keep_latest: int = 2, read_only: bool = False):
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser().absolute()  # orbax needs absolute paths
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
+        _refuse_foreign_entries(self.directory)
         preservation = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=keep_latest),
             checkpoint_managers.BestN(
@@ -49,11 +50,14 @@ class Checkpoints:
             enable_async_checkpointing=False,
             read_only=read_only,
             create=not read_only,
+            # Folders of saves killed midway are never trusted; removing them on start keeps
+            # them from piling up (orbax refuses the option in read-only mode).
+            cleanup_tmp_directories=not read_only,
         )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
         except (OSError, ValueError) as error:
-            raise CheckpointError(f"cannot open checkpoint folder {self.directory}: {error}") from error
+            raise CheckpointError(f"cannot open checkpoint folder {self.directory}: {_first_line(error)}") from error
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -79,16 +83,22 @@ class Checkpoints:
             )
             self._manager.wait_until_finished()
         except Exception as error:  # orbax raises many types; none may pass silently
-            raise CheckpointError(f"saving checkpoint {step} under {self.directory} failed: {error}") from error
+            raise CheckpointError(
+                f"saving checkpoint {step} under {self.directory} failed ({_first_line(error)}); "
+                "the previous checkpoints are untouched"
+            ) from error
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         path = self.directory / str(step) / META / "metadata"
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise CheckpointError(
-                f"{self.directory / str(step)} is not a scse_jax checkpoint (unreadable {path.name}: {error})"
+                f"{self.directory / str(step)} is not a scse_jax checkpoint (unreadable {META}/{path.name}: {error})"
             ) from error
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or meta.get("step") != step:
+            raise CheckpointError(f"{path} is not the metadata of a scse_jax checkpoint of step {step}")
+        return meta
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores the state into the shapes, dtypes and shardings of ``abstract_state``."""
@@ -99,9 +109,32 @@ class Checkpoints:
             )
         except Exception as error:
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} does not match this model or is corrupt: {error}"
+                f"checkpoint {self.directory / str(step)} does not match this model or is corrupt: "
+                f"{_first_line(error)}"
             ) from error
         return restored[STATE], meta
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _refuse_foreign_entries(directory: Path) -> None:
+    """Refuses a folder that holds anything besides orbax step folders (another program's)."""
+    if not directory.is_dir():
+        return
+    foreign = sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if not (entry.name.isdigit() or ".orbax-checkpoint-tmp" in entry.name or entry.name.startswith("_"))
+    )
+    if foreign:
+        raise CheckpointError(
+            f"{directory} holds files that are not scse_jax checkpoints ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); use another --workdir"
+        )
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    """orbax and tensorstore errors run over many lines; the first names the problem."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."

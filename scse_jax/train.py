@@ -419,7 +419,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
     total_steps = steps_per_epoch * config.train.num_epochs
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--workdir {workdir}: cannot create it ({error.strerror or error})") from error
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep_latest=config.checkpoint.keep_latest)
     latest = ckpts.latest_step()
     if latest is not None:
@@ -515,16 +518,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     break
             _absorb_losses(step_losses, partial)
 
-            if stop.signal_name:
+            # A stop in the epoch's last step lets the epoch end normally (records, validation,
+            # checkpoint), so that its records are never half written.
+            if stop.signal_name and step % steps_per_epoch:
                 ckpts.save(step, state, meta_for(step, None, partial))
-                print(
-                    f"{stop.signal_name} received: saved step {step} in {ckpts.directory}. Resume with the same "
-                    f"command and --workdir={workdir}",
-                    flush=True,
-                )
-                log.close()
-                ckpts.close()
-                return summary or {}
+                return _stopped(stop.signal_name, step, ckpts, log, workdir, summary)
 
             epoch_number = epoch + 1
             train_record = {
@@ -549,8 +547,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 log.record("val", epoch_number, step, {**val_losses, **summary})
                 print(f"epoch {epoch_number} validation: dice {val_dice:.3f} "
                       + " ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items()), flush=True)
-            if epoch_number % config.checkpoint.every_epochs == 0 or epoch_number == config.train.num_epochs:
+            saved = epoch_number % config.checkpoint.every_epochs == 0 or epoch_number == config.train.num_epochs
+            if saved:
                 ckpts.save(step, state, meta_for(step, val_dice, partial))
+            if stop.signal_name and epoch_number < config.train.num_epochs:
+                if not saved:
+                    ckpts.save(step, state, meta_for(step, val_dice, partial))
+                return _stopped(stop.signal_name, step, ckpts, log, workdir, summary)
 
     ckpts.close()
     if summary is None and data.val:
@@ -570,6 +573,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if summary:
         print("Validation (native resolution, mean over validation patients):")
         print(dice_table(summary), flush=True)
+    return summary or {}
+
+
+def _stopped(
+    signal_name: str, step: int, ckpts: checkpoint.Checkpoints, log: RunLog, workdir: Path, summary: dict | None
+) -> dict[str, Any]:
+    """Closes the run after a SIGTERM/SIGINT whose checkpoint is saved; says how to resume."""
+    print(
+        f"{signal_name} received: saved step {step} in {ckpts.directory}. Resume with the same "
+        f"command and --workdir={workdir}",
+        flush=True,
+    )
+    log.close()
+    ckpts.close()
     return summary or {}
 
 
