@@ -129,9 +129,10 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str = "dic
 
 
 def plot_study_curves(out: Path, names: list[str], folds: int) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), dpi=100, squeeze=False)
+    fig = Figure(figsize=(5 * len(names), 3.6), dpi=100)
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         for fold in range(folds):
             path = out / name / f"fold{fold}" / "metrics.jsonl"
@@ -149,7 +150,6 @@ def plot_study_curves(out: Path, names: list[str], folds: int) -> Path:
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png")
-    plt.close(fig)
     return out / "loss_curves.png"
 
 

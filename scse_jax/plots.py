@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: never changes a notebook's backend
 
 # Overlay colours per class id: liver, right kidney, left kidney, spleen.
 CLASS_COLOURS = np.array(
@@ -19,7 +16,8 @@ CLASS_COLOURS = np.array(
 
 def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
     """Training and validation loss per epoch, as the report's figures 2-5."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     for split, style in (("train", "-o"), ("val", "-s")):
         points = sorted((r["epoch"], r["loss"]) for r in records if r.get("split") == split and "loss" in r)
         if points:
@@ -32,7 +30,6 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -49,7 +46,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
 
 def save_panels(panels: list[tuple[str, np.ndarray]], path: Path) -> Path:
     """Side-by-side RGB or gray panels with titles, one row."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), dpi=100)
+    fig = Figure(figsize=(3 * len(panels), 3.2), dpi=100)
+    axes = fig.subplots(1, len(panels))
     for ax, (title, picture) in zip(np.atleast_1d(axes), panels):
         ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
         ax.set_title(title, fontsize=9)
@@ -57,7 +55,6 @@ def save_panels(panels: list[tuple[str, np.ndarray]], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
