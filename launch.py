@@ -23,6 +23,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
     config = _CONFIG.value
+    try:
+        config.keys()  # ml_collections defers a config file's load error to the first use
+    except OSError as error:
+        _config_file_error(error)
     workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         train.train_and_evaluate(config, workdir)
@@ -34,5 +38,28 @@ def main(argv):
         sys.exit(130)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, plus one clean line for a misspelt override or a config file that does not parse."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:  # what ml_collections raises for a misspelt key
+        reason = error
+        while isinstance(reason, BaseException) and reason.args:
+            reason = reason.args[0]
+        print(f"error: a --config override names no config field: {' '.join(str(reason).split())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # a missing config file, met while applying the overrides
+        _config_file_error(error)
+    except SyntaxError as error:  # a config file is Python; its line is worth more than a traceback
+        print(f"error: config file {error.filename}:{error.lineno}: {error.msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _config_file_error(error: OSError) -> None:
+    reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+    print(f"error: cannot load the --config file ({reason})", file=sys.stderr)  # the reason names the file
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

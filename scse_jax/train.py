@@ -444,12 +444,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     schedule = learning_rate_schedule(config.train, steps_per_epoch)
 
-    log = RunLog(workdir, enabled=is_chief)
     partial = {"loss_sum": 0.0, "loss_count": 0}
     if latest is not None:
         state, meta = ckpts.restore(latest, abstract_state)
         partial = meta.get("partial_epoch", partial)
         print(f"Resuming from step {latest} (epoch {latest // steps_per_epoch}) in {ckpts.directory}", flush=True)
+    log = RunLog(workdir, enabled=is_chief)  # only now: a refused checkpoint leaves the workdir untouched
     if is_chief:
         _save_config(config, workdir)
     start_step = int(jax.device_get(state.step))
