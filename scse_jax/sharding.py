@@ -59,6 +59,8 @@ def initialize_distributed(
         return
     if not explicit and _cluster_environment() is None:
         return
+    # Cross-process collectives on the CPU backend need gloo; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except RuntimeError as error:
