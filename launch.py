@@ -33,8 +33,8 @@ def main(argv):
     except ScseError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         sys.exit(1)
-    except KeyboardInterrupt:  # before training started: nothing was saved, nothing to resume
-        print("error: interrupted before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training steps, where SIGINT is not turned into a save
+        print("error: interrupted; the same command resumes from the latest checkpoint, if any", file=sys.stderr)
         sys.exit(130)
 
 
