@@ -114,9 +114,10 @@ def test_sharded_step_equals_single_device_step():
             state, parts = step(state, sharding.shard_batch(batch, mesh), weights_on_mesh)
         results.append((float(parts["loss"]), jax.device_get(state.params), jax.device_get(state.batch_stats)))
     (loss1, params1, stats1), (loss8, params8, stats8) = results
+    # Equal up to float summation order; per-device BatchNorm statistics would differ by ~1e-2.
     assert loss8 == pytest.approx(loss1, rel=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params1, params8)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats1, stats8)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), params1, params8)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), stats1, stats8)
 
 
 def _small_model_config():
