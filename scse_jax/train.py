@@ -28,7 +28,7 @@ from scse_jax import checkpoint, losses, metrics, sharding
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import CLASS_NAMES
-from scse_jax.errors import ConfigError, TrainingError
+from scse_jax.errors import CheckpointError, ConfigError, TrainingError
 from scse_jax.data.run_data import RunData, load_run_data
 from scse_jax.models.unet import UNet
 from scse_jax.run_log import RunLog, progress_line
@@ -46,7 +46,9 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+# Fields a resumed run must share with its checkpoint: the network and what it was fed.
 MODEL_FIELDS = ("features", "se", "se_reduction", "se_aggregation", "se_positions", "upsample")
+DATA_FIELDS = ("modality", "sequences", "image_size")
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
@@ -379,18 +381,17 @@ def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def _check_model_matches(meta: dict[str, Any], config: ml_collections.ConfigDict, path: Path) -> None:
-    saved = meta.get("config", {}).get("model", {})
+    saved = meta.get("config", {})
     differences = [
-        f"{field}: checkpoint {saved.get(field)!r} vs config {_jsonable(config.model[field])!r}"
-        for field in MODEL_FIELDS
-        if _jsonable(saved.get(field)) != _jsonable(config.model[field])
+        f"{group}.{field}: checkpoint {saved.get(group, {}).get(field)!r} vs config {_jsonable(config[group][field])!r}"
+        for group, fields in (("model", MODEL_FIELDS), ("data", DATA_FIELDS))
+        for field in fields
+        if _jsonable(saved.get(group, {}).get(field)) != _jsonable(config[group][field])
     ]
     if differences:
-        from scse_jax.errors import CheckpointError
-
         raise CheckpointError(
-            f"the checkpoint in {path} was trained with another model ({'; '.join(differences)}); "
-            "use another --workdir or the same model settings"
+            f"the checkpoint in {path} was trained with another model or input ({'; '.join(differences)}); "
+            "use another --workdir or the same settings"
         )
 
 

@@ -60,8 +60,10 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_trained_run, tin
 
 def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
     shutil.copytree(tiny_trained_run[0], tmp_path / "run")
-    with pytest.raises(CheckpointError, match="features"):
+    with pytest.raises(CheckpointError, match="model.features: checkpoint 4 vs config 8"):
         train.train_and_evaluate(tiny_config(*tiny_data, model__features=8), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="data.image_size: checkpoint 32 vs config 48"):
+        train.train_and_evaluate(tiny_config(*tiny_data, data__image_size=48), tmp_path / "run")
 
 
 def test_schedule_halves_every_four_epochs():
@@ -94,9 +96,9 @@ def test_bad_config_values_are_refused_before_work(field, value, message):
 
 
 def test_sharded_step_equals_single_device_step():
+    """One step over 8 devices moves every parameter as one device does (global BatchNorm)."""
     assert jax.device_count() == 8
     model = train.build_model(_small_model_config(), 3)
-    # Plain SGD: Adam's g / sqrt(v) would amplify float noise in near-zero gradients.
     tx = optax.sgd(0.1)
     rng = np.random.default_rng(0)
     batch = {
@@ -108,16 +110,21 @@ def test_sharded_step_equals_single_device_step():
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.make_data_mesh(devices)
         state, _ = train.create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
+        before = jax.device_get(state.variables())
         step = train.jit_train_step(model, tx, default.get_config().train, mesh)
-        weights_on_mesh = jax.device_put(weights, sharding.replicated_sharding(mesh))
-        for _ in range(2):
-            state, parts = step(state, sharding.shard_batch(batch, mesh), weights_on_mesh)
-        results.append((float(parts["loss"]), jax.device_get(state.params), jax.device_get(state.batch_stats)))
-    (loss1, params1, stats1), (loss8, params8, stats8) = results
-    # Equal up to float summation order; per-device BatchNorm statistics would differ by ~1e-2.
+        state, parts = step(state, sharding.shard_batch(batch, mesh), jax.device_put(weights, sharding.replicated_sharding(mesh)))
+        results.append((float(parts["loss"]), before, jax.device_get(state.variables())))
+    (loss1, before, after1), (loss8, _, after8) = results
     assert loss8 == pytest.approx(loss1, rel=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), params1, params8)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), stats1, stats8)
+
+    # The updates agree to within 10% of their size (measured: < 0.1% with XLA's optimisations,
+    # up to 4% in the tests' unoptimised build, whose BatchNorm moments lose more to cancellation).
+    # BatchNorm statistics per device, over one example each, would change them by O(1).
+    def relative_gap(start, one, eight):
+        return np.linalg.norm(eight - one) / max(np.linalg.norm(one - start), 1e-12)
+
+    gaps = jax.tree.leaves(jax.tree.map(relative_gap, before, after1, after8))
+    assert max(gaps) < 0.1
 
 
 def _small_model_config():
