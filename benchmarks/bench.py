@@ -1,0 +1,559 @@
+"""Speed of scse_jax against the machine's own limit: train step, inference, input, scoring.
+
+    python benchmarks/bench.py --batch 20 --size 256 --features 16 --se scse --json OUT.json
+    python benchmarks/bench.py --quick --size 32 --batch 8 --features 4 --json quick.json
+    python benchmarks/bench.py --scaling --json docs/benchmarks/cpu-2core.json \\
+        --plot docs/benchmarks/cpu-2core.png
+    python benchmarks/bench.py --device --dtype bfloat16 --json docs/benchmarks/h100.json
+
+Every figure comes from the real code path: ``train.build_model``, ``train.make_optimizer``,
+``train.create_train_state``, ``train.jit_train_step`` (explicit shardings, donated state),
+``train.predict_step`` and ``inference.Segmenter``. FLOPs per image come from XLA's cost
+analysis of the compiled programs; the peak they are divided by is a dense matmul measured in
+the same run (CPU) or the chip's datasheet peak (``--device``). ``--scaling`` repeats the model
+figures at several sizes and batches, each in a fresh process (own compile, own peak RSS).
+
+On Linux the benchmark re-executes itself once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(``--plain-malloc`` turns that off): XLA:CPU allocates every large intermediate afresh, and
+with 4 KiB pages the kernel's page faults cost more than the arithmetic of the cheap layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+_REEXEC_MARKER = "SCSE_BENCH_REEXECUTED"
+
+# Dense peak TFLOP/s (no sparsity) by device kind substring, first match wins. Sources: NVIDIA
+# H100 Tensor Core GPU datasheet (SXM: 989 bf16, 67 fp32; PCIe: 756 bf16, 51 fp32), NVIDIA
+# H200 datasheet (same compute as H100 SXM), NVIDIA A100 datasheet (312 bf16, 19.5 fp32).
+DEVICE_PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 51.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 67.0}),
+    ("H200", {"bfloat16": 989.0, "float32": 67.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 19.5}),
+)
+
+SCALING_SIZES = (128, 256, 512)
+CHAOS_CT_SAMPLE = Path(
+    os.environ.get("SCSE_CHAOS_CT_SAMPLE", PROJECT_ROOT / "../shared/data/chaos_ct_sample")
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=20, help="global training batch (the paper's 20)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels, a multiple of 16")
+    parser.add_argument("--features", type=int, default=16, help="width of the first U-Net block")
+    parser.add_argument("--se", default="scse", choices=("none", "cse", "sse", "scse"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--steps", type=int, default=5, help="timed train steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed train steps after compiling")
+    parser.add_argument("--volume-slices", type=int, default=78, help="slices of the whole-volume inference")
+    parser.add_argument("--input-batches", type=int, default=6, help="batches of the input-pipeline epoch")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="scaling plot (PNG); with --scaling")
+    parser.add_argument("--quick", action="store_true", help="few repeats, small scoring volume: seconds")
+    parser.add_argument("--scaling", action="store_true", help="also sweep --sizes x --batches")
+    parser.add_argument("--sizes", default=None, help="scaling sizes, e.g. 128,256,512 (the default)")
+    parser.add_argument("--batches", default=None, help="scaling batches (default: batch/2 and batch)")
+    parser.add_argument("--model-only", action="store_true", help="train and inference figures only")
+    parser.add_argument("--device", action="store_true", help="run on the accelerator, against its peak")
+    parser.add_argument("--plain-malloc", action="store_true", help="do not enable malloc huge pages")
+    args = parser.parse_args(argv)
+    if args.size < 16 or args.size % 16:
+        parser.error(f"--size {args.size} must be a positive multiple of 16")
+    if args.quick:
+        args.steps = min(args.steps, 2)
+        args.volume_slices = min(args.volume_slices, 2 * args.batch)
+        args.input_batches = min(args.input_batches, 3)
+    return args
+
+
+def reexec_with_hugepages(args: argparse.Namespace) -> None:
+    """Restarts this process once with malloc huge pages (a tunable read only at start-up)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if args.plain_malloc or args.device or sys.platform != "linux" or HUGEPAGE_TUNABLE in tunables:
+        return
+    if os.environ.get(_REEXEC_MARKER):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGEPAGE_TUNABLE])))
+    env[_REEXEC_MARKER] = "1"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (fn blocks until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def flops_of(compiled) -> float:
+    """FLOPs of one call of a compiled program, from XLA's cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+        analysis = analysis[0]
+    return float(analysis.get("flops", math.nan))
+
+
+def machine_description(jax) -> dict[str, Any]:
+    device = jax.devices()[0]
+    cpu_model = ""
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_model": cpu_model or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "prng_impl": str(jax.config.jax_default_prng_impl),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def device_peak_gflops(device_kind: str, dtype: str) -> float | None:
+    for name, peaks in DEVICE_PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return peaks[dtype] * 1000.0
+    return None
+
+
+def measure_gemm_gflops(jax, jnp, *, dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """Dense n x n matmul GFLOP/s, the median of ``repeats`` timed calls."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(key_b, (n, n), jnp.dtype(dtype))
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()
+    seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def bench_config(args: argparse.Namespace):
+    from configs import default
+
+    config = default.get_config()
+    config.model.features = args.features
+    config.model.se = args.se
+    config.model.compute_dtype = args.dtype
+    config.data.image_size = args.size
+    config.train.batch_size = args.batch
+    config.eval.batch_size = args.batch
+    return config
+
+
+def random_batch(batch: int, size: int, num_classes: int, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(batch, size, size, 1)).astype(np.float32),
+        "label": rng.integers(0, num_classes, (batch, size, size)).astype(np.int32),
+    }
+
+
+def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train-step and inference figures; returns them and the objects the input bench reuses."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from scse_jax import sharding, train
+    from scse_jax.data.types import CLASS_NAMES
+
+    config = bench_config(args)
+    num_classes = len(CLASS_NAMES)
+    mesh = sharding.make_data_mesh()
+    sharding.check_batch_size(args.batch, mesh)
+    model = train.build_model(config.model, num_classes)
+    tx = train.make_optimizer(config.train, steps_per_epoch=1000)
+
+    start = time.perf_counter()
+    state, _ = train.create_train_state(model, tx, image_size=args.size, seed=0, mesh=mesh)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+
+    host_batch = random_batch(args.batch, args.size, num_classes)
+    batch = sharding.shard_batch(host_batch, mesh)
+    class_weights = jax.device_put(jnp.ones(num_classes, jnp.float32), sharding.replicated_sharding(mesh))
+    train_fn = train.jit_train_step(model, tx, config.train, mesh)
+    start = time.perf_counter()
+    train_compiled = train_fn.lower(state, batch, class_weights).compile()
+    compile_s = time.perf_counter() - start
+    train_flops = flops_of(train_compiled)
+    train_memory = train_compiled.memory_analysis()
+
+    for _ in range(args.warmup):
+        state, _ = train_compiled(state, batch, class_weights)
+    jax.block_until_ready(state)
+    step_times = []
+    for _ in range(args.steps):
+        begin = time.perf_counter()
+        state, parts = train_compiled(state, batch, class_weights)
+        jax.block_until_ready((state, parts))
+        step_times.append(time.perf_counter() - begin)
+    step_s = statistics.median(step_times)
+    loss = float(parts["loss"])
+
+    variables = state.variables()
+    replicated = sharding.replicated_sharding(mesh)
+    predict = jax.jit(
+        functools.partial(train.predict_step, model=model, probabilities=False),
+        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+    start = time.perf_counter()
+    predict_compiled = predict.lower(variables, batch["image"]).compile()
+    infer_compile_s = time.perf_counter() - start
+    infer_flops = flops_of(predict_compiled)
+    predict_compiled(variables, batch["image"]).block_until_ready()
+    infer_s = median_seconds(
+        lambda: predict_compiled(variables, batch["image"]).block_until_ready(), max(args.steps, 3)
+    )
+
+    volume = bench_volume_inference(args, config, variables, num_classes)
+
+    train_gflop = train_flops / args.batch / 1e9
+    infer_gflop = infer_flops / args.batch / 1e9
+    result = {
+        "init_s": init_s,
+        "compile_s": compile_s,
+        "train_step_s": step_s,
+        "train_step_times_s": step_times,
+        "train_images_per_s": args.batch / step_s,
+        "train_loss_last": loss,
+        "train_gflop_per_image": train_gflop,
+        "train_gflops_achieved": train_gflop * args.batch / step_s,
+        "train_fraction_of_peak": train_gflop * args.batch / step_s / peak_gflops,
+        "train_temp_memory_mb": train_memory.temp_size_in_bytes / 2**20 if train_memory else None,
+        "infer_compile_s": infer_compile_s,
+        "infer_batch_s": infer_s,
+        "infer_images_per_s": args.batch / infer_s,
+        "infer_gflop_per_image": infer_gflop,
+        "infer_gflops_achieved": infer_gflop * args.batch / infer_s,
+        "infer_fraction_of_peak": infer_gflop * args.batch / infer_s / peak_gflops,
+        **volume,
+    }
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        result["device_peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
+    reuse = {"state": state, "train_compiled": train_compiled, "class_weights": class_weights, "mesh": mesh,
+             "step_s": step_s, "num_classes": num_classes}
+    return result, reuse
+
+
+def bench_volume_inference(args, config, variables, num_classes: int) -> dict[str, Any]:
+    """Whole-volume inference through Segmenter: one compiled function for any volume length."""
+    import numpy as np
+
+    from scse_jax.data.types import CLASS_NAMES
+    from scse_jax.inference import Segmenter
+
+    segmenter = Segmenter(config, variables, CLASS_NAMES[:num_classes], batch_size=args.batch)
+    slices = np.random.default_rng(1).normal(size=(args.volume_slices, args.size, args.size)).astype(np.float32)
+    start = time.perf_counter()
+    segmenter.segment(slices[: args.batch])
+    first_call_s = time.perf_counter() - start
+    seconds = median_seconds(lambda: segmenter.segment(slices), 1 if args.quick else 2)
+    segmenter.segment(slices[: max(1, args.volume_slices // 3)])  # another length: no new compile
+    return {
+        "volume_slices": args.volume_slices,
+        "volume_infer_s": seconds,
+        "volume_slices_per_s": args.volume_slices / seconds,
+        "volume_first_call_s": first_call_s,
+        "volume_compiles": segmenter.traces,
+    }
+
+
+def bench_input(args: argparse.Namespace, reuse: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessed-cache batches per second, and how long training waits for them."""
+    import jax
+    import numpy as np
+
+    from scse_jax import sharding
+    from scse_jax.data import pipeline
+
+    count = args.batch * args.input_batches
+    host = random_batch(count, args.size, reuse["num_classes"], seed=2)
+    dataset = pipeline.SliceDataset(images=host["image"], labels=host["label"])
+    augment = functools.partial(pipeline.augment_batch, modality="MR")
+
+    def epoch(augmented: bool):
+        return pipeline.iterate_batches(
+            dataset, batch_size=args.batch, epoch=0, seed=0, augment=augment if augmented else None
+        )
+
+    def batches_per_s(augmented: bool) -> float:
+        start = time.perf_counter()
+        produced = sum(1 for _ in epoch(augmented))
+        return produced / (time.perf_counter() - start)
+
+    plain = batches_per_s(False)
+    augmented = batches_per_s(True)
+
+    # One augmented epoch fed through the prefetching device iterator into the real train step.
+    state, train_compiled, weights = reuse["state"], reuse["train_compiled"], reuse["class_weights"]
+    iterator = sharding.device_batches(epoch(True), reuse["mesh"], prefetch_size=2)
+    waits = []
+    start = time.perf_counter()
+    while True:
+        asked = time.perf_counter()
+        batch = next(iterator, None)
+        waits.append(time.perf_counter() - asked)
+        if batch is None:
+            break
+        state, parts = train_compiled(state, batch, weights)
+    jax.block_until_ready(state)
+    epoch_s = time.perf_counter() - start
+    steps = len(waits) - 1
+    compute_s = steps * reuse["step_s"]
+    reuse["state"] = state
+    return {
+        "input_batches_per_s": plain,
+        "input_augmented_batches_per_s": augmented,
+        "input_images_per_s": plain * args.batch,
+        "input_augmented_images_per_s": augmented * args.batch,
+        "input_epoch_steps": steps,
+        "input_epoch_s": epoch_s,
+        "input_wait_fraction": sum(waits) / epoch_s,
+        "input_wait_fraction_after_first_batch": sum(waits[1:]) / epoch_s,
+        # Waiting hides host work that slows the steps instead (2 cores shared by both).
+        "input_overhead_fraction": max(0.0, 1.0 - compute_s / epoch_s),
+    }
+
+
+def synthetic_volume_masks(shape=(78, 512, 512), seed: int = 0):
+    """A liver-sized ellipsoid and a perturbed prediction of it, (slices, rows, cols) uint8."""
+    import numpy as np
+    from scipy import ndimage
+
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    centre = np.array(shape) / 2
+    radii = np.array([shape[0] * 0.35, shape[1] * 0.22, shape[2] * 0.28])
+    inside = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2
+    truth = (inside <= 1.0).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 3)
+    prediction = (inside + 0.8 * noise <= 1.05).astype(np.uint8)
+    return prediction, truth
+
+
+def bench_scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """CHAOS metrics (Dice ... MSSD) of a 512 x 512 x 78 volume: synthetic and, if present, real."""
+    from scse_jax import metrics
+
+    shape = (24, 128, 128) if args.quick else (78, 512, 512)
+    prediction, truth = synthetic_volume_masks(shape)
+    spacing = (2.0, 0.7265625, 0.7265625)
+    start = time.perf_counter()
+    scores = metrics.score_volume(prediction, truth, spacing, class_ids=(1,))
+    result = {
+        "scoring_volume_shape": list(shape),
+        "scoring_s": time.perf_counter() - start,
+        "scoring_synthetic_dice": scores[1]["dice"],
+    }
+    if not args.quick and (CHAOS_CT_SAMPLE / "DICOM_anon").is_dir():
+        from scse_jax import evaluate
+
+        start = time.perf_counter()
+        _, organ_scores = evaluate.evaluate_png_series(
+            CHAOS_CT_SAMPLE / "Ground", CHAOS_CT_SAMPLE / "Segmentation", CHAOS_CT_SAMPLE / "DICOM_anon"
+        )
+        result["scoring_real_ct_s"] = time.perf_counter() - start
+        result["scoring_real_ct_note"] = "evaluate_png_series: reads 78 DICOMs and 2 x 78 PNGs, then scores"
+        result["scoring_real_ct_liver"] = organ_scores["liver"]
+    return result
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement of one configuration, in this process."""
+    if not args.device:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import jax.numpy as jnp
+
+    if args.device and jax.default_backend() == "cpu":
+        raise SystemExit("--device: no accelerator found (jax.default_backend() is 'cpu')")
+
+    machine = machine_description(jax)
+    results: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "settings": {
+            "batch": args.batch, "size": args.size, "features": args.features, "se": args.se,
+            "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
+        },
+        "machine": machine,
+    }
+    gemm_dtype = args.dtype if args.device else "float32"
+    results["gemm_gflops"] = measure_gemm_gflops(jax, jnp, dtype=gemm_dtype, repeats=3 if args.quick else 10)
+    peak = results["gemm_gflops"]
+    results["peak_source"] = f"measured {gemm_dtype} 2048x2048 matmul, median"
+    if args.device:
+        datasheet = device_peak_gflops(machine["device_kind"], args.dtype)
+        if datasheet:
+            peak = datasheet
+            results["peak_source"] = f"datasheet dense {args.dtype} peak of {machine['device_kind']}"
+    results["peak_gflops"] = peak
+
+    model, reuse = bench_model(args, peak)
+    results.update(model)
+    if not args.model_only:
+        results.update(bench_input(args, reuse))
+        results.update(bench_scoring(args))
+    results["gemm_gflops_end"] = measure_gemm_gflops(jax, jnp, dtype=gemm_dtype, repeats=3 if args.quick else 5)
+    results["peak_rss_mb"] = peak_rss_mb()
+    results["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return results
+
+
+def scaling_points(args: argparse.Namespace) -> list[tuple[int, int]]:
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(SCALING_SIZES)
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+    else:
+        batches = sorted({max(1, args.batch // 2), args.batch})
+    return [(size, batch) for size in sizes for batch in batches]
+
+
+def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The model figures at every (size, batch), each in its own process."""
+    rows = []
+    for size, batch in scaling_points(args):
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "point.json"
+            command = [
+                sys.executable, str(Path(__file__).resolve()), "--model-only",
+                "--size", str(size), "--batch", str(batch), "--features", str(args.features),
+                "--se", args.se, "--dtype", args.dtype, "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--volume-slices", str(batch), "--json", str(out),
+            ]
+            command += ["--quick"] * args.quick + ["--device"] * args.device + ["--plain-malloc"] * args.plain_malloc
+            print(f"scaling: size {size} batch {batch}", file=sys.stderr, flush=True)
+            completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+            if completed.returncode:
+                rows.append({"size": size, "batch": batch, "error": completed.stderr.strip().splitlines()[-1:]})
+                continue
+            point = json.loads(out.read_text())
+        keys = (
+            "train_images_per_s", "infer_images_per_s", "compile_s", "peak_rss_mb", "train_gflop_per_image",
+            "infer_gflop_per_image", "gemm_gflops", "train_fraction_of_peak", "infer_fraction_of_peak",
+            "train_temp_memory_mb",
+        )
+        rows.append({"size": size, "batch": batch, **{key: point.get(key) for key in keys}})
+    return rows
+
+
+def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train and inference images per second against image size, one line per batch."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.subplots()
+    for batch in sorted({row["batch"] for row in rows}):
+        points = sorted((r["size"], r) for r in rows if r["batch"] == batch and "error" not in r)
+        if not points:
+            continue
+        sizes = [size for size, _ in points]
+        axes.plot(sizes, [r["train_images_per_s"] for _, r in points], "o-", label=f"train, batch {batch}")
+        axes.plot(sizes, [r["infer_images_per_s"] for _, r in points], "s--", label=f"inference, batch {batch}")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xticks(sorted({row["size"] for row in rows}), [str(s) for s in sorted({row["size"] for row in rows})])
+    axes.set_xlabel("image side (pixels)")
+    axes.set_ylabel("images per second")
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    lines = [
+        f"matmul peak {results['gemm_gflops']:.1f} GFLOP/s ({results['peak_source']})",
+        f"train {results['train_images_per_s']:.2f} img/s, {results['train_gflop_per_image']:.2f} GFLOP/img, "
+        f"{100 * results['train_fraction_of_peak']:.1f}% of peak; compile {results['compile_s']:.1f} s",
+        f"infer {results['infer_images_per_s']:.2f} img/s, {results['infer_gflop_per_image']:.2f} GFLOP/img, "
+        f"{100 * results['infer_fraction_of_peak']:.1f}% of peak; volume of {results['volume_slices']} slices "
+        f"{results['volume_infer_s']:.2f} s",
+    ]
+    if "input_batches_per_s" in results:
+        lines.append(
+            f"input {results['input_batches_per_s']:.1f} batches/s plain, {results['input_augmented_batches_per_s']:.2f} "
+            f"augmented; waiting {100 * results['input_wait_fraction']:.1f}% of an epoch "
+            f"({100 * results['input_wait_fraction_after_first_batch']:.1f}% after its first batch)"
+        )
+        lines.append(f"scoring {results['scoring_s']:.2f} s for {results['scoring_volume_shape']}")
+    lines.append(f"peak RSS {results['peak_rss_mb']:.0f} MiB")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    reexec_with_hugepages(args)
+    sys.path.insert(0, str(PROJECT_ROOT))
+    import jax
+
+    # The threefry draws of a jitted init compile for tens of seconds on a small CPU; the
+    # "rbg" generator gives the same shapes and distributions in a fraction of that.
+    jax.config.update("jax_default_prng_impl", "rbg")
+    results = run_one(args)
+    if args.scaling:
+        results["scaling"] = run_scaling(args)
+        if args.plot:
+            machine = results["machine"]
+            title = (
+                f"scse_jax U-Net ({args.se}, features {args.features}, {args.dtype}) on "
+                f"{machine['cpu_model'] if machine['platform'] == 'cpu' else machine['device_kind']}"
+            )
+            plot_scaling(results["scaling"], args.plot, title)
+    if args.json:
+        write_json(results, args.json)
+    print("\n".join(summary_lines(results)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
