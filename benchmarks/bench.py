@@ -109,7 +109,12 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set so far, in MiB."""
+    """The process's peak resident set so far, in MiB (VmHWM: ru_maxrss survives exec)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -458,14 +463,15 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             command = [
                 sys.executable, str(Path(__file__).resolve()), "--model-only",
                 "--size", str(size), "--batch", str(batch), "--features", str(args.features),
-                "--se", args.se, "--dtype", args.dtype, "--steps", str(args.steps),
+                "--se", args.se, "--dtype", args.dtype, "--steps", str(min(args.steps, 3)),
                 "--warmup", str(args.warmup), "--volume-slices", str(batch), "--json", str(out),
             ]
             command += ["--quick"] * args.quick + ["--device"] * args.device + ["--plain-malloc"] * args.plain_malloc
             print(f"scaling: size {size} batch {batch}", file=sys.stderr, flush=True)
             completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
             if completed.returncode:
-                rows.append({"size": size, "batch": batch, "error": completed.stderr.strip().splitlines()[-1:]})
+                last_line = completed.stderr.strip().splitlines()[-1:]
+                rows.append({"size": size, "batch": batch, "returncode": completed.returncode, "error": last_line})
                 continue
             point = json.loads(out.read_text())
         keys = (
