@@ -1,5 +1,6 @@
 """Tests of patient splits, class weights, batches, augmentation and prefetching."""
 
+import functools
 import threading
 import time
 
@@ -257,13 +258,24 @@ def test_iterate_batches_applies_augmentation_per_step():
     dataset = SliceDataset(images=batch["image"], labels=batch["label"])
     calls = []
 
-    def augment(batch, rng):
-        calls.append(rng.integers(1 << 30))
-        return augment_batch(batch, rng, modality="CT")
+    def augment(batch, rngs):
+        calls.append(tuple(rng.integers(1 << 30) for rng in rngs))
+        return augment_batch(batch, rngs, modality="CT")
 
     batches = list(iterate_batches(dataset, batch_size=4, epoch=0, seed=0, augment=augment))
-    assert len(batches) == 2 and len(set(calls)) == 2
+    assert len(batches) == 2 and len(set(calls)) == 2 and len(calls[0]) == 4
     assert batches[0]["image"].shape == (4, 32, 32, 1)
+
+
+def test_augmented_global_batch_does_not_depend_on_the_process_split():
+    batch = left_object_batch(8)
+    dataset = SliceDataset(images=batch["image"], labels=batch["label"])
+    common = dict(batch_size=4, epoch=1, seed=3, augment=functools.partial(augment_batch, modality="MR"))
+    whole = list(iterate_batches(dataset, **common))
+    halves = [list(iterate_batches(dataset, **common, process_index=i, process_count=2)) for i in range(2)]
+    for full, first, second in zip(whole, *halves):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), full[key])
 
 
 # Prefetch ------------------------------------------------------------------------------------

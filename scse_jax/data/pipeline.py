@@ -173,7 +173,8 @@ def iterate_batches(
     The order is np.random.default_rng((seed, epoch)).permutation, so every epoch reshuffles
     and every run repeats. Process `process_index` gets rows
     [i * B / process_count, (i + 1) * B / process_count) of each global batch of size B.
-    `augment(batch, rng)` gets a generator seeded from (seed, epoch, step, process_index).
+    `augment(batch, rngs)` gets one generator per example, seeded from (seed, epoch, its row in
+    the dataset), so the augmented global batch is the same however it is split over processes.
     With drop_remainder=False the last, smaller batch is yielded too (single process only).
     `first_step` skips the epoch's first steps without building them (resuming mid-epoch);
     the batches after it are the same as in an uninterrupted epoch.
@@ -206,7 +207,7 @@ def iterate_batches(
         rows = global_rows[process_index * local_size : (process_index + 1) * local_size]
         batch = {"image": dataset.images[rows], "label": dataset.labels[rows]}
         if augment is not None:
-            batch = augment(batch, np.random.default_rng((seed, epoch, step, process_index)))
+            batch = augment(batch, [np.random.default_rng((seed, epoch, int(row))) for row in rows])
         yield batch
 
 
@@ -224,20 +225,30 @@ def _warp_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="augment")
 
 
-def augment_batch(batch: Batch, rng: np.random.Generator, *, modality: str) -> Batch:
+def augment_batch(
+    batch: Batch, rng: np.random.Generator | Sequence[np.random.Generator], *, modality: str
+) -> Batch:
     """Random rotation, isotropic scale and shift per example, plus intensity jitter.
 
     The same geometric transform moves image (bilinear) and labels (nearest); each is a
     proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
     and the kidneys keep their sides. Contrast and brightness are jittered per example.
+    `rng` is one generator for the batch, or one per example (see `iterate_batches`).
     """
     if modality not in _BRIGHTNESS:
         raise ConfigError(f"modality must be one of {tuple(_BRIGHTNESS)}, got {modality!r}")
     images, labels = batch["image"], batch["label"]
     count, rows, cols = labels.shape
-    angle = np.deg2rad(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG, count))
-    scale = rng.uniform(*_SCALE_RANGE, count)
-    shift = rng.uniform(-_MAX_SHIFT_FRACTION, _MAX_SHIFT_FRACTION, (count, 2)) * (rows, cols)
+    per_example = not isinstance(rng, np.random.Generator)
+
+    def uniform(low, high, shape=()):
+        if per_example:
+            return np.stack([generator.uniform(low, high, shape) for generator in rng])
+        return rng.uniform(low, high, (count,) + shape)
+
+    angle = np.deg2rad(uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
+    scale = uniform(*_SCALE_RANGE)
+    shift = uniform(-_MAX_SHIFT_FRACTION, _MAX_SHIFT_FRACTION, (2,)) * (rows, cols)
 
     # Output pixel p samples the input at A p + offset, A = R(angle) / scale, about the centre.
     centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
@@ -254,8 +265,8 @@ def augment_batch(batch: Batch, rng: np.random.Generator, *, modality: str) -> B
 
     # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
     list(_warp_pool().map(warp, range(count)))
-    contrast = rng.uniform(*_CONTRAST_RANGE, (count, 1, 1))
-    brightness = rng.uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (count, 1, 1))
+    contrast = uniform(*_CONTRAST_RANGE, (1, 1))
+    brightness = uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (1, 1))
     moved_images = moved_images * contrast + brightness
     return dict(
         batch,
