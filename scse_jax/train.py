@@ -111,7 +111,9 @@ def create_train_state(
     """
     abstract = abstract_train_state(model, tx, image_size=image_size, mesh=mesh)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract)
-    state = jax.jit(_state_initialiser(model, tx, image_size), out_shardings=shardings)(jax.random.key(seed))
+    # "rbg" keys compile far faster than threefry on the CPU (init: ~11 s vs 30-60 s here).
+    rng = jax.random.key(seed, impl="rbg")
+    state = jax.jit(_state_initialiser(model, tx, image_size), out_shardings=shardings)(rng)
     return state, abstract
 
 
