@@ -61,6 +61,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UN
         se_positions=tuple(model_config.se_positions),
         upsample=model_config.upsample,
         dtype=jnp.dtype(model_config.compute_dtype),
+        fast_kernel_gradient=model_config.get("fast_kernel_gradient", True),
     )
 
 

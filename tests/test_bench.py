@@ -104,3 +104,25 @@ def test_upsample2x_bilinear_equals_jax_image_resize():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 7, 3)), jnp.float32)
     expected = jax.image.resize(x, (2, 10, 14, 3), method="bilinear")
     np.testing.assert_allclose(upsample2x_bilinear(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unet_gradients_are_the_same_with_either_kernel_gradient():
+    from scse_jax.models.unet import UNet
+
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 1)), jnp.float32)
+    fast_model = UNet(num_classes=3, features=2, se="scse")
+    xla_model = UNet(num_classes=3, features=2, se="scse", fast_kernel_gradient=False)
+    variables = fast_model.init(jax.random.key(0), x, train=False)
+
+    def grads(model):
+        def loss(params):
+            logits, _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(logits**2)
+
+        return jax.grad(loss)(variables["params"])
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), grads(fast_model), grads(xla_model)
+    )

@@ -51,11 +51,10 @@ def make_se_block(
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# Convolutions with at least this many input channels take the row-shift kernel gradient.
-# At 1 (all): train step 1.74x faster than XLA's, but 3.2x the step's temporary memory (256 px,
-# batch 20: 11 GB; 512 px, batch 20 does not fit in 24 GB). At 64: 1.8x the memory; at 128:
-# 1.35x and no speed-up. A large value restores XLA's gradient and memory everywhere.
-FAST_KERNEL_GRADIENT_MIN_CHANNELS = 1
+# The row-shift kernel gradient (UNet(fast_kernel_gradient=True), the default): train step
+# 1.74x faster than XLA's on the CPU, but 3.2x the step's temporary memory (256 px, batch 20:
+# 11 GB; 512 px, batch 20 does not fit in 24 GB). fast_kernel_gradient=False restores XLA's
+# gradient and memory; the parameters are the same either way.
 
 
 def _conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -80,13 +79,13 @@ def _kernel_gradient_by_rows(x: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack(rows).reshape(3, cout, 3, cin).transpose(0, 2, 3, 1)
 
 
-def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray, *, fast_kernel_gradient: bool = True) -> jnp.ndarray:
     """3x3 SAME convolution, NHWC x HWIO, whose kernel gradient is cheap on the CPU.
 
     The convolution itself (and so the input gradient) is XLA's; only the kernel gradient
     is attached separately, by `_with_kernel_gradient`.
     """
-    if x.shape[-1] < FAST_KERNEL_GRADIENT_MIN_CHANNELS:
+    if not fast_kernel_gradient:
         return _conv3x3(x, kernel)
     y = _conv3x3(x, lax.stop_gradient(kernel))
     return _with_kernel_gradient(y, lax.stop_gradient(x), kernel)
@@ -127,13 +126,14 @@ class Conv3x3(nn.Module):
     features: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    fast_kernel_gradient: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), jnp.float32
         )
-        y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), fast_kernel_gradient=self.fast_kernel_gradient)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -169,11 +169,15 @@ class DoubleConv(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    fast_kernel_gradient: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         for i in (1, 2):
-            x = Conv3x3(self.features, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+            x = Conv3x3(
+                self.features, use_bias=False, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient,
+                name=f"conv{i}",
+            )(x)
             x = nn.BatchNorm(
                 use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, dtype=self.dtype,
                 name=f"bn{i}",
@@ -195,6 +199,7 @@ class UpBlock(nn.Module):
     features: int
     upsample: str = "bilinear"
     dtype: Dtype = jnp.float32
+    fast_kernel_gradient: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, skip: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -205,9 +210,13 @@ class UpBlock(nn.Module):
             )(x)
         else:
             x = upsample2x_bilinear(x)
-            x = Conv3x3(self.features, dtype=self.dtype, name="up")(x)
+            x = Conv3x3(
+                self.features, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient, name="up"
+            )(x)
         x = jnp.concatenate([skip, x], axis=-1)
-        return DoubleConv(self.features, dtype=self.dtype, name="conv")(x, train=train)
+        return DoubleConv(
+            self.features, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient, name="conv"
+        )(x, train=train)
 
 
 class UNet(nn.Module):
@@ -228,6 +237,7 @@ class UNet(nn.Module):
       se_positions: any of "encoder", "bottleneck", "decoder".
       upsample: "bilinear" or "transpose".
       dtype: computation dtype; parameters and logits are float32.
+      fast_kernel_gradient: CPU-friendly 3x3 kernel gradients (faster, more memory).
     """
 
     num_classes: int
@@ -238,6 +248,7 @@ class UNet(nn.Module):
     se_positions: Sequence[str] = SE_POSITIONS
     upsample: str = "bilinear"
     dtype: Dtype = jnp.float32
+    fast_kernel_gradient: bool = True
 
     def __post_init__(self):
         self._check_config()
@@ -293,17 +304,23 @@ class UNet(nn.Module):
         for level in range(1, DEPTH + 1):
             name = f"enc{level}"
             width = self.features * 2 ** (level - 1)
-            x = DoubleConv(width, dtype=self.dtype, name=name)(x, train=train)
+            x = DoubleConv(width, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient, name=name)(
+                x, train=train
+            )
             x = self._se("encoder", name)(x)
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         bottleneck_width = self.features * 2**DEPTH
-        x = DoubleConv(bottleneck_width, dtype=self.dtype, name="bottleneck")(x, train=train)
+        x = DoubleConv(
+            bottleneck_width, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient, name="bottleneck"
+        )(x, train=train)
         x = self._se("bottleneck", "bottleneck")(x)
         for level in range(DEPTH, 0, -1):
             name = f"dec{level}"
             width = self.features * 2 ** (level - 1)
-            x = UpBlock(width, self.upsample, dtype=self.dtype, name=name)(
+            x = UpBlock(
+                width, self.upsample, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient, name=name
+            )(
                 x, skips[level - 1], train=train
             )
             x = self._se("decoder", name)(x)
