@@ -76,6 +76,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-only", action="store_true", help="train and inference figures only")
     parser.add_argument("--device", action="store_true", help="run on the accelerator, against its peak")
     parser.add_argument("--plain-malloc", action="store_true", help="do not enable malloc huge pages")
+    parser.add_argument(
+        "--xla-kernel-gradient", action="store_true",
+        help="XLA's convolution kernel gradient (model.fast_kernel_gradient=False): slower, less memory",
+    )
     args = parser.parse_args(argv)
     if args.size < 16 or args.size % 16:
         parser.error(f"--size {args.size} must be a positive multiple of 16")
@@ -175,6 +179,7 @@ def bench_config(args: argparse.Namespace):
     config.model.features = args.features
     config.model.se = args.se
     config.model.compute_dtype = args.dtype
+    config.model.fast_kernel_gradient = not args.xla_kernel_gradient
     config.data.image_size = args.size
     config.train.batch_size = args.batch
     config.eval.batch_size = args.batch
@@ -419,7 +424,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "settings": {
             "batch": args.batch, "size": args.size, "features": args.features, "se": args.se,
-            "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
+            "dtype": args.dtype, "kernel_gradient": "xla" if args.xla_kernel_gradient else "fast",
+            "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
         },
         "machine": machine,
     }

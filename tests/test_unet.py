@@ -182,7 +182,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
         for eqn in jaxpr.eqns
         if eqn.primitive.name == "conv_general_dilated"
     ]
-    assert len(conv_dtypes) == 18 + 4 + 1 + 9  # blocks, upsampling, head, sSE squeezes
+    # 18 block convolutions (the 4 decoder ones that read skip + upsampled as two), 4 upsampling,
+    # the head, 9 sSE squeezes
+    assert len(conv_dtypes) == 18 + 4 + 4 + 1 + 9
     assert set(conv_dtypes) == {(jnp.dtype(jnp.bfloat16),) * 2}
 
 
