@@ -182,6 +182,19 @@ def predict_step(variables: dict[str, Any], images: jax.Array, *, model: UNet, p
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+def step_compiler_options() -> dict[str, Any] | None:
+    """XLA options for the jitted steps: LLVM -O1 on the CPU.
+
+    The convolutions and products run in library calls, so LLVM's -O2 only optimises the
+    elementwise fusions, and buys nothing measurable there: train-step compile 18.2 -> 15.0 s
+    with the step unchanged (11.3 vs 11.1 s; batch 20, 256 px, 2-core EPYC). Left alone under
+    jax_disable_most_optimizations, which asks for less.
+    """
+    if jax.default_backend() != "cpu" or jax.config.read("jax_disable_most_optimizations"):
+        return None
+    return {"xla_backend_optimization_level": 1}
+
+
 def jit_train_step(model, tx, train_config, mesh):
     replicated = sharding.replicated_sharding(mesh)
     return jax.jit(
@@ -191,6 +204,7 @@ def jit_train_step(model, tx, train_config, mesh):
         in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=step_compiler_options(),
     )
 
 
@@ -202,6 +216,7 @@ def jit_eval_step(model, train_config, mesh):
         ),
         in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(sharding.batch_sharding(mesh), replicated),
+        compiler_options=step_compiler_options(),
     )
 
 

@@ -131,3 +131,15 @@ def _small_model_config():
     config = default.get_config().model
     config.features = 4
     return config
+
+
+def test_steps_compile_at_llvm_o1_on_the_cpu_unless_optimisations_are_off():
+    assert train.step_compiler_options() is None  # conftest turns most optimisations off
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        options = train.step_compiler_options()
+        assert options == {"xla_backend_optimization_level": 1}
+        doubled = jax.jit(lambda x: 2 * x, compiler_options=options)(jnp.arange(3.0))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+    np.testing.assert_array_equal(doubled, [0.0, 2.0, 4.0])
