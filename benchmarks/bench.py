@@ -473,6 +473,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "--warmup", str(args.warmup), "--volume-slices", str(batch), "--json", str(out),
             ]
             command += ["--quick"] * args.quick + ["--device"] * args.device + ["--plain-malloc"] * args.plain_malloc
+            command += ["--xla-kernel-gradient"] * args.xla_kernel_gradient
             print(f"scaling: size {size} batch {batch}", file=sys.stderr, flush=True)
             completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
             if completed.returncode:
