@@ -6,6 +6,7 @@ can import and call it the same way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -28,8 +29,8 @@ from scse_jax import checkpoint, losses, metrics, sharding
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import CLASS_NAMES
-from scse_jax.errors import CheckpointError, ConfigError, TrainingError
-from scse_jax.data.run_data import RunData, load_run_data
+from scse_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
+from scse_jax.data.run_data import RunData, plan_run_data, prepare_run_data
 from scse_jax.models.unet import UNet
 from scse_jax.run_log import RunLog, progress_line
 
@@ -206,6 +207,19 @@ def jit_train_step(model, tx, train_config, mesh):
         donate_argnums=0,
         compiler_options=step_compiler_options(),
     )
+
+
+def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes: int) -> None:
+    """Compiles `train_fn` for the run's batches before any exists, so that the first step
+    finds it in JAX's cache."""
+    size, batch = config.data.image_size, config.train.batch_size
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32, sharding=batch_sharding),
+        "label": jax.ShapeDtypeStruct((batch, size, size), jnp.int32, sharding=batch_sharding),
+    }
+    weights_spec = jax.ShapeDtypeStruct((num_classes,), jnp.float32, sharding=sharding.replicated_sharding(mesh))
+    train_fn.lower(abstract_state, batch_spec, weights_spec).compile()
 
 
 def jit_eval_step(model, train_config, mesh):
@@ -432,10 +446,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = sharding.make_data_mesh()
     is_chief = jax.process_index() == 0
 
-    data: RunData = load_run_data(config)
-    class_names = data.class_names
+    plan = plan_run_data(config)
+    class_names = plan.class_names
     num_classes = len(class_names)
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(plan.num_train_slices(), config.train.batch_size)
     total_steps = steps_per_epoch * config.train.num_epochs
 
     try:
@@ -455,9 +469,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     model = build_model(config.model, num_classes)
     tx = make_optimizer(config.train, steps_per_epoch)
-    state, abstract_state = create_train_state(
-        model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh
-    )
+    # Decoding the images (slow on a cold cache) overlaps initialising and compiling the model.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-data") as pool:
+        preparing = pool.submit(prepare_run_data, plan, config)
+        state, abstract_state = create_train_state(
+            model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh
+        )
+        train_fn = jit_train_step(model, tx, config.train, mesh)
+        compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
+        data: RunData = preparing.result()
+    if len(data.train) // config.train.batch_size != steps_per_epoch:
+        raise DataError(
+            f"{len(data.train)} training slices were read where the files promised "
+            f"{plan.num_train_slices()}: did the data change during the run?"
+        )
     class_weights = jax.device_put(
         jnp.asarray(data.class_weights, jnp.float32), sharding.replicated_sharding(mesh)
     )
@@ -474,7 +499,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step = int(jax.device_get(state.step))
     log.roll_back_to(start_step // steps_per_epoch)
 
-    train_fn = jit_train_step(model, tx, config.train, mesh)
     eval_fn = jit_eval_step(model, config.train, mesh)
 
     def meta_for(step: int, val_dice: float | None, partial_epoch: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny synthetic data: files, resume, schedule, sharding."""
 
+import functools
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import pytest
 
 from configs import default
 from scse_jax import sharding, train
+from scse_jax.data import pipeline
 from scse_jax.errors import CheckpointError, ConfigError
 from tests.conftest import tiny_config
 
@@ -143,3 +145,44 @@ def test_steps_compile_at_llvm_o1_on_the_cpu_unless_optimisations_are_off():
     finally:
         jax.config.update("jax_disable_most_optimizations", True)
     np.testing.assert_array_equal(doubled, [0.0, 2.0, 4.0])
+
+
+def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
+    from scse_jax.data.run_data import load_run_data, plan_run_data
+
+    config = tiny_config(*tiny_data)
+    mesh = sharding.make_data_mesh()
+    plan = plan_run_data(config)
+    data = load_run_data(config)
+    assert plan.num_train_slices() == len(data.train)
+    model = train.build_model(config.model, len(plan.class_names))
+    tx = train.make_optimizer(config.train, steps_per_epoch=2)
+    state, abstract_state = train.create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
+    host_batches = pipeline.iterate_batches(
+        data.train, batch_size=8, epoch=0, seed=0,
+        augment=functools.partial(pipeline.augment_batch, modality="MR"),
+    )
+    batch = next(iter(sharding.device_batches(host_batches, mesh)))
+    weights = jax.device_put(jnp.asarray(data.class_weights, jnp.float32), sharding.replicated_sharding(mesh))
+
+    compile_seconds = []
+
+    def record(name, seconds, **_):
+        if name.endswith("backend_compile_duration"):
+            compile_seconds.append(seconds)
+
+    train_fn = train.jit_train_step(model, tx, config.train, mesh)
+    jax.monitoring.register_event_duration_secs_listener(record)
+    jax.config.update("jax_enable_compilation_cache", False)  # the tests' disk cache would hide a miss
+    try:
+        train.compile_train_step_ahead(train_fn, abstract_state, config, mesh, len(plan.class_names))
+        ahead = sum(compile_seconds)
+        compile_seconds.clear()
+        state, parts = train_fn(state, batch, weights)
+        first_call = sum(compile_seconds)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+        jax.config.update("jax_enable_compilation_cache", True)
+    assert np.isfinite(float(parts["loss"]))
+    assert ahead > 0.5
+    assert first_call < 0.2 * ahead  # XLA's executable cache served the first batch

@@ -37,6 +37,13 @@ def find_cases(path: Path | str, *, sequences: Iterable[str] | None = None) -> l
     return [case for case in cases if wanted is None or case.sequence in wanted]
 
 
+def num_slices(case: Case) -> int:
+    """How many slices `load_case` will return, from the file list or the NIfTI header only."""
+    if case.file_format == "nifti":
+        return nifti.num_slices(case.image_files[0])
+    return len(case.image_files)
+
+
 def load_case(case: Case, *, with_labels: bool = True) -> Volume:
     """Reads a case's voxels, geometry and (if asked and present) its label map."""
     if case.file_format == "nifti":

@@ -125,13 +125,27 @@ def _data(image, path: Path) -> np.ndarray:
     return data.reshape(data.shape[:3])
 
 
+def num_slices(path: Path | str) -> int:
+    """Slices of the volume `read_image` returns, read from the header alone."""
+    path = Path(path)
+    image = _load(path)
+    transform = _to_lps_transform(image)
+    placeholder = np.broadcast_to(np.float32(0), image.shape[:3])  # no voxel data is read
+    return int(_nibabel().orientations.apply_orientation(placeholder, transform).shape[2])
+
+
+def _to_lps_transform(image):
+    orientations = _nibabel().orientations
+    return orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(("L", "P", "S"))
+    )
+
+
 def _to_volume_layout(image, path: Path):
     nibabel = _nibabel()
     orientations = nibabel.orientations
     shape = image.shape[:3]
-    transform = orientations.ornt_transform(
-        orientations.io_orientation(image.affine), orientations.axcodes2ornt(("L", "P", "S"))
-    )
+    transform = _to_lps_transform(image)
     affine = image.affine @ orientations.inv_ornt_aff(transform, shape)
     voxels = _reoriented(image, transform, path).astype(np.float32)
     index_to_patient = _RAS_TO_LPS @ affine @ _INDEX_TO_NIFTI

@@ -81,8 +81,25 @@ def select_cases(cases: list[Case], data_config: ml_collections.ConfigDict, root
     return chosen
 
 
-def load_run_data(config: ml_collections.ConfigDict) -> RunData:
-    """Finds, splits (by patient) and prepares the data a run trains, validates and tests on."""
+@dataclasses.dataclass
+class RunPlan:
+    """What a run will train on, found without decoding any image."""
+
+    cases: list[Case]
+    split: pipeline.Split
+    class_names: tuple[str, ...]
+
+    def cases_of(self, patients) -> list[Case]:
+        wanted = set(patients)
+        return [case for case in self.cases if case.patient in wanted]
+
+    def num_train_slices(self) -> int:
+        """Training examples, from file lists and NIfTI headers."""
+        return sum(chaos.num_slices(case) for case in self.cases_of(self.split.train))
+
+
+def plan_run_data(config: ml_collections.ConfigDict) -> RunPlan:
+    """Finds the configured cases and splits them by patient."""
     data_config = config.data
     root = resolve_data_root(data_config)
     cases = select_cases(chaos.find_cases(root), data_config, root)
@@ -94,16 +111,25 @@ def load_run_data(config: ml_collections.ConfigDict) -> RunData:
         num_val=data_config.num_val_patients,
         seed=data_config.split_seed,
     )
-    settings = PreprocessSettings(image_size=data_config.image_size)
-    prepared = prepare_cases(cases, settings, cache_root(data_config) / "prepared")
+    return RunPlan(cases=cases, split=split, class_names=cases[0].class_names)
+
+
+def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunData:
+    """Decodes (or reads from the cache) and resizes the planned cases."""
+    settings = PreprocessSettings(image_size=config.data.image_size)
+    prepared = prepare_cases(plan.cases, settings, cache_root(config.data) / "prepared")
     by_patient = lambda names: [p for p in prepared if p.patient in set(names)]  # noqa: E731
-    train_cases = by_patient(split.train)
-    class_names = cases[0].class_names
+    train_cases = by_patient(plan.split.train)
     return RunData(
-        split=split,
-        class_names=class_names,
+        split=plan.split,
+        class_names=plan.class_names,
         train=pipeline.SliceDataset.from_cases(train_cases),
-        val=by_patient(split.val),
-        test=by_patient(split.test),
-        class_weights=pipeline.class_weights([p.labels for p in train_cases], len(class_names)),
+        val=by_patient(plan.split.val),
+        test=by_patient(plan.split.test),
+        class_weights=pipeline.class_weights([p.labels for p in train_cases], len(plan.class_names)),
     )
+
+
+def load_run_data(config: ml_collections.ConfigDict) -> RunData:
+    """Finds, splits (by patient) and prepares the data a run trains, validates and tests on."""
+    return prepare_run_data(plan_run_data(config), config)
