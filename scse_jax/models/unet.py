@@ -52,8 +52,8 @@ def make_se_block(
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# UNet(fast_kernel_gradient=True), the default, computes 3x3 kernel gradients with
-# `_kernel_gradient_by_shifts`: train step 1.5x faster than with XLA's on the CPU, for 1.7x its
+# UNet(fast_kernel_gradient=True), the default, computes 3x3 kernel gradients on the CPU with
+# `_kernel_gradient_by_shifts` (figures in benchmarks/README.md), for 1.7x the train step's
 # temporary memory (XLA's memory analysis, batch 20: 4.9 against 2.8 GiB at 256 px, 19 against
 # 11 GiB at 512 px). False restores XLA's gradient and memory (512 px on 24 GB); the
 # parameters are the same either way.
@@ -245,7 +245,7 @@ class DoubleConv(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Upsample x2 to half the channels, concatenate the skip, then a DoubleConv.
+    """Upsample x2 to half the channels, then a DoubleConv over (skip, upsampled) as channels.
 
     Attributes:
       features: output channels (the skip's channels).
