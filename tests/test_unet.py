@@ -177,15 +177,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
     assert logits.dtype == jnp.float32
     jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)
-    conv_dtypes = [
-        tuple(v.aval.dtype for v in eqn.invars)
-        for eqn in jaxpr.eqns
-        if eqn.primitive.name == "conv_general_dilated"
-    ]
-    # 18 block convolutions (the 4 decoder ones that read skip + upsampled as two), 4 upsampling,
-    # the head, 9 sSE squeezes
-    assert len(conv_dtypes) == 18 + 4 + 4 + 1 + 9
-    assert set(conv_dtypes) == {(jnp.dtype(jnp.bfloat16),) * 2}
+    convolutions = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
+    operand_dtypes = [tuple(v.aval.dtype for v in eqn.invars) for eqn in convolutions]
+    result_dtypes = {eqn.outvars[0].aval.dtype for eqn in convolutions}
+    bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    # 18 block convolutions (the 4 decoder ones that read skip + upsampled as two) and 4
+    # upsampling ones in bfloat16; the head and the 9 sSE squeezes in float32
+    assert operand_dtypes.count((bf16, bf16)) == 18 + 4 + 4
+    assert operand_dtypes.count((f32, f32)) == 1 + 9
+    assert result_dtypes == {f32}  # bfloat16 operands accumulate in float32
 
 
 @pytest.fixture(scope="module")
