@@ -417,3 +417,16 @@ def test_fuzzed_png_raises_only_data_error(fuzz_seeds, mutations):
     except DataError:
         return
     assert ids.dtype == np.uint8 and ids.max() <= 4
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [np.diag([-1.5, 1.5, 4.0, 1.0]), np.array([[0, 0, 4.0, 0], [1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1.0]])],
+    ids=["axial", "slices-first"],
+)
+def test_nifti_slice_count_from_the_header_equals_the_loaded_volume(tmp_path, affine):
+    nibabel = pytest.importorskip("nibabel")
+    path = tmp_path / "image_4.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((6, 5, 3), np.float32), affine), path)
+    voxels, _ = nifti.read_image(path)
+    assert nifti.num_slices(path) == voxels.shape[0]
