@@ -184,5 +184,5 @@ def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
         jax.monitoring.unregister_event_duration_listener(record)
         jax.config.update("jax_enable_compilation_cache", True)
     assert np.isfinite(float(parts["loss"]))
-    assert ahead > 0.5
-    assert first_call < 0.2 * ahead  # XLA's executable cache served the first batch
+    # a cache miss compiles the whole step again (seconds); a hit takes milliseconds
+    assert first_call < max(0.2 * ahead, 0.1)
