@@ -3,6 +3,7 @@
 Any config field can be overridden, e.g. --config.train.num_epochs=2.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ def main(argv):
         config.keys()  # ml_collections defers a config file's load error to the first use
     except OSError as error:
         _config_file_error(error)
+    use_compilation_cache(config)
     workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         train.train_and_evaluate(config, workdir)
@@ -36,6 +38,17 @@ def main(argv):
     except KeyboardInterrupt:  # outside the training steps, where SIGINT is not turned into a save
         print("error: interrupted; the same command resumes from the latest checkpoint, if any", file=sys.stderr)
         sys.exit(130)
+
+
+def use_compilation_cache(config) -> None:
+    """Keeps compiled steps beside the prepared data, so that a resumed or repeated run skips
+    compiling (unless JAX_COMPILATION_CACHE_DIR names another place)."""
+    import jax
+
+    from scse_jax.data.run_data import cache_root
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_root(config.data) / "xla"))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,21 @@
+"""launch.py keeps compiled steps beside the prepared data, so that a repeated run compiles nothing."""
+
+from tests._launch import launch_args, run_to_end, subprocess_env, write_tiny_tree
+
+
+def test_a_repeated_run_finds_every_compiled_program_in_the_cache(tmp_path):
+    data_root = write_tiny_tree(tmp_path / "chaos")
+    cache_dir = tmp_path / "cache"
+    env = subprocess_env()
+    del env["JAX_COMPILATION_CACHE_DIR"]  # launch.py's own choice: <data.cache_dir>/xla
+
+    def entries():  # compiled programs and when they were written (a hit only touches "-atime" files)
+        return {p.name: p.stat().st_mtime_ns for p in (cache_dir / "xla").iterdir() if not p.name.endswith("-atime")}
+
+    first = run_to_end(launch_args(tmp_path / "run1", data_root, cache_dir), env)
+    assert first.process.returncode == 0, first.output()
+    after_first = entries()
+    assert any("train_step" in name for name in after_first), after_first
+    second = run_to_end(launch_args(tmp_path / "run2", data_root, cache_dir), env)
+    assert second.process.returncode == 0, second.output()
+    assert entries() == after_first  # nothing compiled or written again
