@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.split_seed = 0  # seed of the patient shuffle before the folds are cut
     data.cache_dir = ""  # preprocessed-case cache; "" = $SCSE_JAX_CACHE or ~/.cache/scse_jax
     data.augment = True  # anatomy-respecting augmentation (no left-right flips)
+    # Epoch 1 starts once a quarter of the training cases are read, shuffling through a buffer
+    # of a quarter of the slices; False: epoch 1 waits for all cases and shuffles them fully.
+    data.stream_first_epoch = True
     data.synthetic_patients = 8  # patients in the built-in synthetic data
     data.synthetic_size = 128  # slice side of the built-in synthetic data
     data.synthetic_slices = 16  # slices per synthetic volume

@@ -6,7 +6,6 @@ can import and call it the same way.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import json
@@ -29,8 +28,8 @@ from scse_jax import checkpoint, losses, metrics, sharding
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import CLASS_NAMES
-from scse_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
-from scse_jax.data.run_data import RunData, plan_run_data, prepare_run_data
+from scse_jax.errors import CheckpointError, ConfigError, TrainingError
+from scse_jax.data.run_data import RunData, StreamedRunData, plan_run_data
 from scse_jax.models.unet import UNet
 from scse_jax.run_log import RunLog, progress_line
 
@@ -469,22 +468,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     model = build_model(config.model, num_classes)
     tx = make_optimizer(config.train, steps_per_epoch)
-    # Decoding the images (slow on a cold cache) overlaps initialising and compiling the model.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare-data") as pool:
-        preparing = pool.submit(prepare_run_data, plan, config)
-        state, abstract_state = create_train_state(
-            model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh
-        )
-        train_fn = jit_train_step(model, tx, config.train, mesh)
-        compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
-        data: RunData = preparing.result()
-    if len(data.train) // config.train.batch_size != steps_per_epoch:
-        raise DataError(
-            f"{len(data.train)} training slices were read where the files promised "
-            f"{plan.num_train_slices()}: did the data change during the run?"
-        )
+    # Decoding the images (slow on a cold cache) overlaps initialising and compiling the model,
+    # and, with data.stream_first_epoch, the first epoch's training steps.
+    streamed = StreamedRunData(plan, config)
+    state, abstract_state = create_train_state(
+        model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh
+    )
+    train_fn = jit_train_step(model, tx, config.train, mesh)
+    compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
     class_weights = jax.device_put(
-        jnp.asarray(data.class_weights, jnp.float32), sharding.replicated_sharding(mesh)
+        jnp.asarray(streamed.class_weights(), jnp.float32), sharding.replicated_sharding(mesh)
     )
     schedule = learning_rate_schedule(config.train, steps_per_epoch)
 
@@ -521,7 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         for epoch in range(first_epoch, config.train.num_epochs):
             skip = step - epoch * steps_per_epoch
             host_batches = pipeline.iterate_batches(
-                data.train,
+                streamed.train,
                 batch_size=config.train.batch_size,
                 epoch=epoch,
                 seed=config.train.seed,
@@ -533,6 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 first_step=skip,
+                order=streamed.first_epoch_order() if epoch == 0 else None,
             )
             step_losses: list[tuple[int, dict[str, jax.Array]]] = []
             epoch_start = time.perf_counter()
@@ -579,6 +573,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             log.record("train", epoch_number, step, train_record)
             partial = {"loss_sum": 0.0, "loss_count": 0}
 
+            data: RunData = streamed.result()
             val_dice = None
             if data.val and (epoch_number % config.eval.every_epochs == 0 or epoch_number == config.train.num_epochs):
                 val_losses, rows, val_predictions = evaluate_cases(
@@ -599,6 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 return _stopped(stop.signal_name, step, ckpts, log, workdir, summary)
 
     ckpts.close()
+    data = streamed.result()
     if summary is None and data.val:
         _, rows, val_predictions = evaluate_cases(
             eval_fn, state.variables(), data.val, class_weights,

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 from scse_jax.data.pipeline import (
     SliceDataset,
     Split,
+    StreamedSliceDataset,
     augment_batch,
     class_weights,
     iterate_batches,
     prefetch,
     split_patients,
     steps_per_epoch,
+    streaming_order,
 )
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import Geometry
@@ -330,3 +332,74 @@ def test_first_step_resumes_an_epoch_with_the_same_batches():
     for expected, got in zip(whole[1:], resumed):
         np.testing.assert_array_equal(got["image"], expected["image"])
         np.testing.assert_array_equal(got["label"], expected["label"])
+
+
+# Streaming the first epoch --------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=8),
+    buffer_size=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_streaming_order_is_a_permutation_that_reads_only_within_its_buffer(lengths, buffer_size, seed):
+    order = streaming_order(lengths, buffer_size=buffer_size, seed=seed)
+    total = sum(lengths)
+    assert sorted(order.tolist()) == list(range(total))
+    assert np.all(order < np.arange(total) + buffer_size)  # position i needs only rows < i + buffer
+    np.testing.assert_array_equal(order, streaming_order(lengths, buffer_size=buffer_size, seed=seed))
+
+
+def test_streaming_order_mixes_cases():
+    order = streaming_order([30] * 8, buffer_size=60, seed=0)
+    cases_per_batch = [len(set(order[i : i + 20] // 30)) for i in range(0, 240, 20)]
+    assert min(cases_per_batch) >= 2 and np.mean(cases_per_batch) >= 3
+    assert not np.array_equal(order, streaming_order([30] * 8, buffer_size=60, seed=1))
+    with pytest.raises(ConfigError, match="buffer_size"):
+        streaming_order([3], buffer_size=0, seed=0)
+
+
+def test_batches_of_a_streamed_dataset_wait_only_for_their_own_rows():
+    dataset = StreamedSliceDataset(12, 8)
+    cases = [prepared("a", 4, offset=0.0), prepared("b", 4, offset=4.0), prepared("c", 4, offset=8.0)]
+    order = streaming_order([4, 4, 4], buffer_size=2, seed=0)
+    batches = iterate_batches(dataset, batch_size=2, epoch=0, seed=0, order=order)
+    dataset.append_case(cases[0])
+    got = [next(batches)]  # positions 0 and 1 read rows below 3: case "a" is enough
+
+    reader = threading.Thread(target=lambda: got.extend(batches))
+    reader.start()
+    time.sleep(0.3)
+    assert reader.is_alive()  # some batch needs a row of case "b", not read yet
+    assert all(row < 4 for batch in got for row in example_ids(batch))
+    dataset.append_case(cases[1])
+    dataset.append_case(cases[2])
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    ids = sum((example_ids(b) for b in got), [])
+    assert ids == order.tolist()  # example i holds pixel value i: rows land in case order
+    np.testing.assert_array_equal(dataset.labels[:, 0, 0], [0] * 4 + [4] * 4 + [3] * 4)
+
+
+def test_a_failed_producer_reaches_the_waiting_reader():
+    dataset = StreamedSliceDataset(8, 8)
+    dataset.append_case(prepared("a", 4))
+    batches = iterate_batches(dataset, batch_size=4, epoch=0, seed=0, order=np.arange(8))
+    next(batches)
+    threading.Timer(0.1, dataset.fail, args=(DataError("image_9.dcm: truncated"),)).start()
+    with pytest.raises(DataError, match="could not be prepared: image_9.dcm: truncated"):
+        next(batches)
+
+
+def test_a_streamed_dataset_refuses_cases_that_do_not_fit():
+    dataset = StreamedSliceDataset(5, 8)
+    dataset.append_case(prepared("a", 3))
+    with pytest.raises(DataError, match="does not fit rows 3..6"):
+        dataset.append_case(prepared("b", 3))
+    with pytest.raises(DataError, match="does not fit"):
+        dataset.append_case(prepared("c", 2, size=4))
+    with pytest.raises(DataError, match="without ground truth"):
+        dataset.append_case(prepared("d", 2, labelled=False))
+    with pytest.raises(ConfigError, match="each of the 5 rows once"):
+        next(iterate_batches(dataset, batch_size=1, epoch=0, seed=0, order=np.arange(4)))

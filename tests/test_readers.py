@@ -430,3 +430,26 @@ def test_nifti_slice_count_from_the_header_equals_the_loaded_volume(tmp_path, af
     nibabel.save(nibabel.Nifti1Image(np.zeros((6, 5, 3), np.float32), affine), path)
     voxels, _ = nifti.read_image(path)
     assert nifti.num_slices(path) == voxels.shape[0]
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [np.diag([-1.5, 1.5, 4.0, 1.0]), np.array([[0, 0, 4.0, 0], [1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1.0]])],
+    ids=["axial", "slices-first"],
+)
+def test_nifti_labels_alone_equal_those_of_the_whole_case(tmp_path, affine):
+    nibabel = pytest.importorskip("nibabel")
+    label = np.random.default_rng(0).integers(0, 5, (6, 5, 3)).astype(np.uint8)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((6, 5, 3), np.float32), affine), tmp_path / "image_4.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(label, affine), tmp_path / "label_4.nii.gz")
+    (case,) = chaos.find_cases(tmp_path)
+    np.testing.assert_array_equal(chaos.load_labels(case), chaos.load_case(case).labels)
+
+
+def test_dicom_case_labels_alone_equal_those_of_the_whole_case(tree):
+    for case in chaos.find_cases(tree):
+        np.testing.assert_array_equal(chaos.load_labels(case), chaos.load_case(case).labels)
+    case = chaos.find_cases(tree)[0]
+    case.label_files[-1].unlink()
+    with pytest.raises(DataError, match="DICOM files but"):
+        chaos.load_labels(chaos.find_cases(tree)[0])

@@ -186,3 +186,51 @@ def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
     assert np.isfinite(float(parts["loss"]))
     # a cache miss compiles the whole step again (seconds); a hit takes milliseconds
     assert first_call < max(0.2 * ahead, 0.1)
+
+
+WAIT_S = 120
+
+
+def test_training_starts_before_the_last_training_case_is_read(tmp_path, monkeypatch):
+    import threading
+
+    from scse_jax.data import chaos, synthetic
+
+    root = synthetic.write_synthetic_chaos(tmp_path / "chaos", patients=8, size=32, slices=8, seed=1, modalities=("MR",))
+    config = tiny_config(root, tmp_path / "cache")  # 5 training patients: 5 steps of 8 slices
+    first_step_done = threading.Event()
+    last_case_waited = []
+    jit_train_step, load_case = train.jit_train_step, chaos.load_case
+
+    class SignallingStep:
+        def __init__(self, *args):
+            self.compiled = jit_train_step(*args)
+            self.lower = self.compiled.lower
+
+        def __call__(self, *args):
+            outputs = self.compiled(*args)
+            jax.block_until_ready(outputs)
+            first_step_done.set()
+            return outputs
+
+    def last_case_waits_for_the_first_step(case, **kwargs):
+        assert cases_known.wait(timeout=60)
+        if case.key == streamed_cases[-1].key:
+            last_case_waited.append(first_step_done.wait(timeout=WAIT_S))
+        return load_case(case, **kwargs)
+
+    from scse_jax.data.run_data import StreamedRunData
+
+    streamed_cases, cases_known = [], threading.Event()
+    original_init = StreamedRunData.__init__
+
+    def recording_init(self, plan, config):
+        original_init(self, plan, config)
+        streamed_cases.extend(self.train_cases)
+        cases_known.set()
+
+    monkeypatch.setattr(StreamedRunData, "__init__", recording_init)
+    monkeypatch.setattr(train, "jit_train_step", SignallingStep)
+    monkeypatch.setattr(chaos, "load_case", last_case_waits_for_the_first_step)
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert last_case_waited == [True] and np.isfinite(summary["dice_mean"])

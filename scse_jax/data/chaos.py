@@ -53,14 +53,24 @@ def load_case(case: Case, *, with_labels: bool = True) -> Volume:
     voxels, geometry = dicom.read_series(case.image_files)
     label_map = None
     if with_labels and case.label_files:
-        _check_counts(case.image_files, case.label_files, case.key)
-        label_map = labels.read_ground(case.label_files, case.modality)
+        label_map = load_labels(case)
         if label_map.shape[1:] != voxels.shape[1:]:
             raise DataError(
                 f"{case.label_files[0]}: ground truth is {label_map.shape[2]} x {label_map.shape[1]} "
                 f"but {case.image_files[0]} is {voxels.shape[2]} x {voxels.shape[1]}"
             )
     return Volume(voxels, geometry, label_map)
+
+
+def load_labels(case: Case) -> np.ndarray:
+    """The label map `load_case` returns, without decoding the images (the Ground PNGs, or the
+    NIfTI label file)."""
+    if case.file_format == "nifti":
+        return nifti.load_labels(case)
+    if not case.label_files:
+        raise DataError(f"{case.key}: no Ground PNGs")
+    _check_counts(case.image_files, case.label_files, case.key)
+    return labels.read_ground(case.label_files, case.modality)
 
 
 def _check_sequences(sequences: Iterable[str] | None) -> frozenset[str] | None:

@@ -65,16 +65,26 @@ def load_case(case: Case, *, with_labels: bool = True) -> Volume:
     voxels, geometry, transform = _to_volume_layout(image, image_path)
     labels = None
     if with_labels and case.label_files:
-        label_path = case.label_files[0]
-        label = _load(label_path)
-        if label.shape != image.shape:
-            raise DataError(
-                f"{label_path}: shape {label.shape} differs from {image.shape} of {image_path}"
-            )
-        if not np.allclose(label.affine, image.affine, atol=1e-3):
-            raise DataError(f"{label_path}: affine differs from that of {image_path}")
-        labels = _label_ids(_reoriented(label, transform, label_path), label_path, len(case.class_names))
+        labels = _case_labels(case, image, transform)
     return Volume(voxels, geometry, labels)
+
+
+def load_labels(case: Case) -> np.ndarray:
+    """The label map `load_case` returns, without reading the image's voxels."""
+    if not case.label_files:
+        raise DataError(f"{case.key}: no label file")
+    image = _load(case.image_files[0])
+    return _case_labels(case, image, _to_lps_transform(image))
+
+
+def _case_labels(case: Case, image, transform) -> np.ndarray:
+    image_path, label_path = case.image_files[0], case.label_files[0]
+    label = _load(label_path)
+    if label.shape != image.shape:
+        raise DataError(f"{label_path}: shape {label.shape} differs from {image.shape} of {image_path}")
+    if not np.allclose(label.affine, image.affine, atol=1e-3):
+        raise DataError(f"{label_path}: affine differs from that of {image_path}")
+    return _label_ids(_reoriented(label, transform, label_path), label_path, len(case.class_names))
 
 
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:

@@ -84,26 +84,33 @@ def split_patients(
     )
 
 
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels of each class in a label array, (num_classes,) int64."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"label values must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+    return np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)
+
+
 def class_weights(label_arrays: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
     """Inverse class frequency weights, (num_classes,) float32.
 
     Weights of the classes present are proportional to 1 / frequency and sum to `num_classes`;
     a class absent from the arrays gets weight 0 (it has no pixels to weigh).
     """
-    counts = np.zeros(num_classes, np.int64)
-    for labels in label_arrays:
-        labels = np.asarray(labels)
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise DataError(
-                f"label values must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}"
-            )
-        counts += np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)
+    counts = sum((class_counts(labels, num_classes) for labels in label_arrays), np.zeros(num_classes, np.int64))
+    return weights_from_counts(counts)
+
+
+def weights_from_counts(counts: np.ndarray) -> np.ndarray:
+    """`class_weights` from per-class pixel counts."""
+    counts = np.asarray(counts, np.int64)
     if counts.sum() == 0:
         raise DataError("no labelled pixels to compute class weights from")
     present = counts > 0
-    weights = np.zeros(num_classes, np.float64)
+    weights = np.zeros(len(counts), np.float64)
     weights[present] = counts.sum() / counts[present]
-    weights *= num_classes / weights.sum()
+    weights *= len(counts) / weights.sum()
     return weights.astype(np.float32)
 
 
@@ -145,6 +152,76 @@ class SliceDataset:
         labels = np.concatenate([c.labels for c in prepared_cases]).astype(np.int32)
         return cls(images=images, labels=labels)
 
+    def wait_for_rows(self, stop: int) -> None:
+        """Returns once rows [0, stop) hold their data: at once, for a dataset built whole."""
+
+
+class StreamedSliceDataset(SliceDataset):
+    """A SliceDataset whose rows another thread fills case by case, in order.
+
+    Reads go through `wait_for_rows`, so training can start on the first cases while later
+    ones are still being decoded. A producer that fails hands its error to every waiting reader.
+    """
+
+    def __init__(self, num_rows: int, size: int):
+        super().__init__(np.zeros((num_rows, size, size, 1), np.float32), np.zeros((num_rows, size, size), np.int32))
+        self.rows_filled = 0
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def append_case(self, prepared: PreparedCase) -> None:
+        """Copies the next case's slices into the following rows."""
+        start, count = self.rows_filled, len(prepared.images)
+        if prepared.labels is None:
+            raise DataError(f"cases without ground truth cannot be trained on: {prepared.case_key}")
+        if start + count > len(self) or prepared.images.shape[1:] != self.images.shape[1:3]:
+            raise DataError(
+                f"{prepared.case_key}: {prepared.images.shape} does not fit rows {start}..{start + count} of "
+                f"{self.images.shape[:3]}: did the data change during the run?"
+            )
+        self.images[start : start + count, ..., 0] = prepared.images
+        self.labels[start : start + count] = prepared.labels
+        with self._changed:
+            self.rows_filled = start + count
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+    def wait_for_rows(self, stop: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.rows_filled >= stop or self._error is not None)
+            if self.rows_filled < stop:
+                raise DataError(f"the training data could not be prepared: {self._error}") from self._error
+
+
+def streaming_order(case_lengths: Sequence[int], *, buffer_size: int, seed: int) -> np.ndarray:
+    """An epoch order that can start before all cases are read.
+
+    Rows are numbered case by case, in the order the cases are read; a shuffle buffer of
+    `buffer_size` rows draws position i from rows below i + buffer_size, so the first batches
+    need only the first cases. Each row appears once; the order depends only on the arguments.
+    """
+    total = int(sum(case_lengths))
+    if buffer_size < 1:
+        raise ConfigError(f"buffer_size must be positive, got {buffer_size}")
+    rng = np.random.default_rng(seed)
+    buffer = list(range(min(buffer_size, total)))
+    next_row = len(buffer)
+    order = np.empty(total, np.int64)
+    for position in range(total):
+        pick = int(rng.integers(len(buffer)))
+        order[position] = buffer[pick]
+        if next_row < total:
+            buffer[pick] = next_row
+            next_row += 1
+        else:
+            buffer[pick] = buffer[-1]
+            buffer.pop()
+    return order
+
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full batches per epoch (the remainder is dropped); an error when there are none."""
@@ -167,6 +244,7 @@ def iterate_batches(
     process_index: int = 0,
     process_count: int = 1,
     first_step: int = 0,
+    order: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Yields one epoch of this process's part of each global batch.
 
@@ -177,7 +255,8 @@ def iterate_batches(
     the dataset), so the augmented global batch is the same however it is split over processes.
     With drop_remainder=False the last, smaller batch is yielded too (single process only).
     `first_step` skips the epoch's first steps without building them (resuming mid-epoch);
-    the batches after it are the same as in an uninterrupted epoch.
+    the batches after it are the same as in an uninterrupted epoch. `order`, a permutation of
+    the rows, replaces the shuffle (see `streaming_order`); each batch waits for its rows.
 
     Yields:
       {"image": (B_local, S, S, 1) float32, "label": (B_local, S, S) int32}.
@@ -195,7 +274,11 @@ def iterate_batches(
         raise ConfigError("drop_remainder=False is only supported with a single process")
     else:
         num_steps = math.ceil(num_examples / batch_size)
-    if shuffle:
+    if order is not None:
+        order = np.asarray(order)
+        if order.shape != (num_examples,):
+            raise ConfigError(f"order must hold each of the {num_examples} rows once, got shape {order.shape}")
+    elif shuffle:
         order = np.random.default_rng((seed, epoch)).permutation(num_examples)
     else:
         order = np.arange(num_examples)
@@ -205,6 +288,7 @@ def iterate_batches(
     for step in range(first_step, num_steps):
         global_rows = order[step * batch_size : (step + 1) * batch_size]
         rows = global_rows[process_index * local_size : (process_index + 1) * local_size]
+        dataset.wait_for_rows(int(rows.max()) + 1)
         batch = {"image": dataset.images[rows], "label": dataset.labels[rows]}
         if augment is not None:
             batch = augment(batch, [np.random.default_rng((seed, epoch, int(row))) for row in rows])

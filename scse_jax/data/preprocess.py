@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -400,11 +400,21 @@ def prepare_cases(
     progress: bool = True,
 ) -> list[PreparedCase]:
     """`prepare_case` over many cases, with one progress line per case on stderr."""
-    prepared_cases = []
+    return list(iter_prepared_cases(cases, settings, cache_dir, load=load, progress=progress))
+
+
+def iter_prepared_cases(
+    cases: Sequence[Case],
+    settings: PreprocessSettings,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    load: Loader | None = None,
+    progress: bool = True,
+) -> Iterator[PreparedCase]:
+    """`prepare_cases`, yielding each case as soon as it is ready."""
     for number, case in enumerate(cases, start=1):
         start = time.perf_counter()
         prepared, status = _prepare_with_status(case, settings, cache_dir, load)
-        prepared_cases.append(prepared)
         if progress:
             print(
                 f"[{number}/{len(cases)}] {case.key}: {status} {prepared.native_shape} "
@@ -412,4 +422,4 @@ def prepare_cases(
                 file=sys.stderr,
                 flush=True,
             )
-    return prepared_cases
+        yield prepared

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from scse_jax.data import chaos, pipeline, synthetic
-from scse_jax.data.preprocess import PreparedCase, PreprocessSettings, prepare_cases
+from scse_jax.data.preprocess import (
+    PreparedCase,
+    PreprocessSettings,
+    iter_prepared_cases,
+    prepare_cases,
+    resize_slices,
+)
 from scse_jax.data.types import Case
-from scse_jax.errors import ConfigError
+from scse_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -112,6 +122,98 @@ def plan_run_data(config: ml_collections.ConfigDict) -> RunPlan:
         seed=data_config.split_seed,
     )
     return RunPlan(cases=cases, split=split, class_names=cases[0].class_names)
+
+
+# The first epoch's shuffle buffer, as a fraction of the training slices: training starts once
+# about this fraction of the training cases is read.
+FIRST_EPOCH_BUFFER_FRACTION = 0.25
+
+
+class StreamedRunData:
+    """A run's data, prepared in a background thread in the order training consumes it.
+
+    First the training label maps alone (cheap: PNGs or one NIfTI file per case), for the
+    class weights; then the training cases, in an order shuffled from the run's seed, each
+    appended to `train` as soon as it is ready, so that the first epoch (in
+    `first_epoch_order`) trains while later cases are still being decoded; then the
+    validation and test cases. Any error reaches whoever waits on the data.
+    """
+
+    def __init__(self, plan: RunPlan, config: ml_collections.ConfigDict):
+        self._plan, self._config = plan, config
+        self.train_cases = plan.cases_of(plan.split.train)
+        rng = np.random.default_rng((config.train.seed, 0))
+        self.train_cases = [self.train_cases[i] for i in rng.permutation(len(self.train_cases))]
+        self._lengths = [chaos.num_slices(case) for case in self.train_cases]
+        self.train = pipeline.StreamedSliceDataset(sum(self._lengths), config.data.image_size)
+        self._weights: concurrent.futures.Future = concurrent.futures.Future()
+        self._result: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Thread(target=self._prepare, name="prepare-data", daemon=True).start()
+
+    def first_epoch_order(self) -> np.ndarray | None:
+        """The rows' order in the first epoch (None: the usual full shuffle)."""
+        if not self._config.data.stream_first_epoch:
+            return None
+        buffer = max(self._config.train.batch_size, round(FIRST_EPOCH_BUFFER_FRACTION * len(self.train)))
+        return pipeline.streaming_order(self._lengths, buffer_size=buffer, seed=self._config.train.seed)
+
+    def class_weights(self) -> np.ndarray:
+        """Waits for the training label maps; inverse class frequency weights."""
+        return self._weights.result()
+
+    def result(self) -> RunData:
+        """Waits for every case."""
+        return self._result.result()
+
+    def _prepare(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:  # handed to the waiting readers
+            self.train.fail(error)
+            for future in (self._weights, self._result):
+                if not future.done():
+                    future.set_exception(error)
+
+    def _run(self) -> None:
+        plan, size = self._plan, self._config.data.image_size
+        num_classes = len(plan.class_names)
+        start = time.perf_counter()
+        counts = [
+            pipeline.class_counts(resize_slices(chaos.load_labels(case), size, order=0), num_classes)
+            for case in self.train_cases
+        ]
+        self._weights.set_result(pipeline.weights_from_counts(np.sum(counts, axis=0)))
+        print(
+            f"class weights from {len(counts)} training label maps in {time.perf_counter() - start:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        settings = PreprocessSettings(image_size=size)
+        cache = cache_root(self._config.data) / "prepared"
+        for prepared, length, count in zip(
+            iter_prepared_cases(self.train_cases, settings, cache), self._lengths, counts
+        ):
+            if len(prepared.images) != length or not np.array_equal(
+                pipeline.class_counts(prepared.labels, num_classes), count
+            ):
+                raise DataError(
+                    f"{prepared.case_key}: its prepared slices or labels differ from what its files "
+                    "promised when the run started: did the data change during the run?"
+                )
+            self.train.append_case(prepared)
+        held_out = plan.cases_of(plan.split.val + plan.split.test)
+        prepared = list(iter_prepared_cases(held_out, settings, cache))
+        by_patient = lambda names: [p for p in prepared if p.patient in set(names)]  # noqa: E731
+        self._result.set_result(
+            RunData(
+                split=plan.split,
+                class_names=plan.class_names,
+                train=self.train,
+                val=by_patient(plan.split.val),
+                test=by_patient(plan.split.test),
+                class_weights=self._weights.result(),
+            )
+        )
 
 
 def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunData:

@@ -1,0 +1,90 @@
+"""A run's data prepared in the background: class weights first, then cases as training needs them."""
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from scse_jax.data import chaos, pipeline
+from scse_jax.data.run_data import StreamedRunData, plan_run_data, prepare_run_data
+from scse_jax.errors import DataError
+
+
+def test_streamed_data_equals_the_data_prepared_whole(tiny_data):
+    config = tiny_config(*tiny_data)
+    plan = plan_run_data(config)
+    whole = prepare_run_data(plan, config)
+    streamed = StreamedRunData(plan, config)
+    data = streamed.result()
+
+    np.testing.assert_array_equal(streamed.class_weights(), whole.class_weights)
+    assert sorted(c.key for c in streamed.train_cases) == sorted(c.key for c in plan.cases_of(plan.split.train))
+    for held_out in ("val", "test"):
+        assert [c.case_key for c in getattr(data, held_out)] == [c.case_key for c in getattr(whole, held_out)]
+    assert data.val
+    assert len(data.train) == len(whole.train) == plan.num_train_slices()
+    # rows follow the streamed case order; as a set they are the whole dataset's rows
+    key_of = lambda images: images.tobytes()  # noqa: E731
+    assert sorted(map(key_of, data.train.images)) == sorted(map(key_of, whole.train.images))
+    order = streamed.first_epoch_order()
+    assert sorted(order.tolist()) == list(range(len(data.train)))
+    config.data.stream_first_epoch = False
+    assert streamed.first_epoch_order() is None
+
+
+def test_the_first_batch_trains_before_the_last_case_is_read(tiny_data, tmp_path, monkeypatch):
+    config = tiny_config(tiny_data[0], tmp_path / "cold_cache", train__batch_size=4)
+    plan = plan_run_data(config)
+    release = threading.Event()
+    load_case = chaos.load_case
+    streamed = None
+
+    def slow_for_the_last_case(case, **kwargs):
+        if case.key == streamed.train_cases[-1].key:
+            assert release.wait(timeout=30)
+        return load_case(case, **kwargs)
+
+    monkeypatch.setattr(chaos, "load_case", slow_for_the_last_case)
+    streamed = StreamedRunData(plan, config)
+    batches = pipeline.iterate_batches(
+        streamed.train, batch_size=4, epoch=0, seed=0, order=streamed.first_epoch_order()
+    )
+    first = next(batches)
+    assert streamed.train.rows_filled < len(streamed.train)  # the last case is still being read
+    assert first["image"].shape == (4, 32, 32, 1) and np.abs(first["image"]).sum() > 0
+    release.set()
+    assert len(list(batches)) == len(streamed.train) // 4 - 1
+    assert streamed.result().train is streamed.train
+
+
+def test_a_case_that_fails_to_decode_stops_the_readers(tiny_data, tmp_path, monkeypatch):
+    config = tiny_config(tiny_data[0], tmp_path / "cold_cache")
+    plan = plan_run_data(config)
+
+    def broken(case, **kwargs):
+        raise DataError(f"{case.image_files[0]}: truncated")
+
+    monkeypatch.setattr(chaos, "load_case", broken)
+    streamed = StreamedRunData(plan, config)
+    assert streamed.class_weights().shape == (5,)  # label maps alone still read
+    with pytest.raises(DataError, match="could not be prepared: .*truncated"):
+        next(pipeline.iterate_batches(streamed.train, batch_size=8, epoch=0, seed=0))
+    with pytest.raises(DataError, match="truncated"):
+        streamed.result()
+
+
+def test_labels_that_change_after_the_class_weights_are_refused(tiny_data, tmp_path, monkeypatch):
+    config = tiny_config(tiny_data[0], tmp_path / "cold_cache")
+    plan = plan_run_data(config)
+    load_case = chaos.load_case
+
+    def labels_changed(case, **kwargs):
+        volume = load_case(case, **kwargs)
+        return dataclasses.replace(volume, labels=np.zeros_like(volume.labels))
+
+    monkeypatch.setattr(chaos, "load_case", labels_changed)
+    streamed = StreamedRunData(plan, config)
+    with pytest.raises(DataError, match="did the data change during the run"):
+        streamed.result()
