@@ -13,6 +13,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>-<time>).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into this many JAX devices (one per core is fastest); 0: JAX's default."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -29,8 +32,12 @@ def main(argv):
     except OSError as error:
         _config_file_error(error)
     use_compilation_cache(config)
-    workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
+        if _CPU_DEVICES.value:
+            from scse_jax import sharding
+
+            sharding.use_cpu_devices(_CPU_DEVICES.value)
+        workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         train.train_and_evaluate(config, workdir)
     except ScseError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always

@@ -77,6 +77,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", action="store_true", help="run on the accelerator, against its peak")
     parser.add_argument("--plain-malloc", action="store_true", help="do not enable malloc huge pages")
     parser.add_argument(
+        "--cpu-devices", type=int, default=0,
+        help="split the CPU into this many JAX devices, the batch sharded over them (launch.py --cpu_devices)",
+    )
+    parser.add_argument(
         "--xla-kernel-gradient", action="store_true",
         help="XLA's convolution kernel gradient (model.fast_kernel_gradient=False): slower, less memory",
     )
@@ -123,12 +127,13 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def flops_of(compiled) -> float:
-    """FLOPs of one call of a compiled program, from XLA's cost analysis."""
+def flops_of(compiled, num_devices: int) -> float:
+    """FLOPs of one call of a compiled program over `num_devices`, from XLA's cost analysis
+    (which counts one device's share of a partitioned program)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
         analysis = analysis[0]
-    return float(analysis.get("flops", math.nan))
+    return float(analysis.get("flops", math.nan)) * num_devices
 
 
 def machine_description(jax) -> dict[str, Any]:
@@ -224,7 +229,7 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
     start = time.perf_counter()
     train_compiled = train_fn.lower(state, batch, class_weights).compile()
     compile_s = time.perf_counter() - start
-    train_flops = flops_of(train_compiled)
+    train_flops = flops_of(train_compiled, mesh.devices.size)
     train_memory = train_compiled.memory_analysis()
 
     for _ in range(args.warmup):
@@ -249,7 +254,7 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
     start = time.perf_counter()
     predict_compiled = predict.lower(variables, batch["image"]).compile()
     infer_compile_s = time.perf_counter() - start
-    infer_flops = flops_of(predict_compiled)
+    infer_flops = flops_of(predict_compiled, mesh.devices.size)
     predict_compiled(variables, batch["image"]).block_until_ready()
     infer_s = median_seconds(
         lambda: predict_compiled(variables, batch["image"]).block_until_ready(), max(args.steps, 3)
@@ -269,7 +274,7 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
         "train_gflop_per_image": train_gflop,
         "train_gflops_achieved": train_gflop * args.batch / step_s,
         "train_fraction_of_peak": train_gflop * args.batch / step_s / peak_gflops,
-        "train_temp_memory_mb": train_memory.temp_size_in_bytes / 2**20 if train_memory else None,
+        "train_temp_memory_mb": train_memory.temp_size_in_bytes * mesh.devices.size / 2**20 if train_memory else None,
         "infer_compile_s": infer_compile_s,
         "infer_batch_s": infer_s,
         "infer_images_per_s": args.batch / infer_s,
@@ -416,6 +421,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    if args.cpu_devices and not args.device:
+        from scse_jax import sharding
+
+        sharding.use_cpu_devices(args.cpu_devices)
+
     if args.device and jax.default_backend() == "cpu":
         raise SystemExit("--device: no accelerator found (jax.default_backend() is 'cpu')")
 
@@ -425,7 +435,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "batch": args.batch, "size": args.size, "features": args.features, "se": args.se,
             "dtype": args.dtype, "kernel_gradient": "xla" if args.xla_kernel_gradient else "fast",
-            "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
+            "steps": args.steps, "warmup": args.warmup, "quick": args.quick, "cpu_devices": args.cpu_devices,
         },
         "machine": machine,
     }
@@ -474,6 +484,7 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             ]
             command += ["--quick"] * args.quick + ["--device"] * args.device + ["--plain-malloc"] * args.plain_malloc
             command += ["--xla-kernel-gradient"] * args.xla_kernel_gradient
+            command += ["--cpu-devices", str(args.cpu_devices)]
             print(f"scaling: size {size} batch {batch}", file=sys.stderr, flush=True)
             completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
             if completed.returncode:

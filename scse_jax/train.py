@@ -444,6 +444,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     validate_config(config)
     mesh = sharding.make_data_mesh()
     is_chief = jax.process_index() == 0
+    if is_chief:
+        print(
+            f"Training on {jax.device_count()} {jax.default_backend()} device(s) in "
+            f"{jax.process_count()} process(es), global batch {config.train.batch_size}",
+            flush=True,
+        )
 
     plan = plan_run_data(config)
     class_names = plan.class_names

@@ -47,8 +47,25 @@ def test_quick_run_reports_every_figure(quick_results):
     assert 2.0 < ratio < 4.5
     assert quick_results["settings"] == {
         "batch": 8, "size": 32, "features": 4, "se": "scse", "dtype": "float32", "kernel_gradient": "fast",
-        "steps": 2, "warmup": 1, "quick": True,
+        "steps": 2, "warmup": 1, "quick": True, "cpu_devices": 0,
     }
+
+
+def test_flops_count_the_whole_batch_however_many_devices_share_it(bench, quick_results):
+    import functools
+
+    from configs import default
+    from scse_jax import train
+
+    assert jax.device_count() == 8  # the quick run split its batch of 8 over 8 devices
+    config = default.get_config()
+    config.model.features = 4
+    model = train.build_model(config.model, 5)
+    images = jnp.zeros((8, 32, 32, 1), jnp.float32)
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+    predict = jax.jit(functools.partial(train.predict_step, model=model, probabilities=False))
+    one_device = bench.flops_of(predict.lower(variables, images).compile(), 1) / 8 / 1e9
+    assert quick_results["infer_gflop_per_image"] == pytest.approx(one_device, rel=0.05)
 
 
 def test_json_and_scaling_plot_are_written(bench, quick_results, tmp_path):

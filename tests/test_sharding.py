@@ -115,3 +115,15 @@ def test_initialize_distributed_too_late_is_a_config_error(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", too_late)
     with pytest.raises(ConfigError, match="before any JAX"):
         sharding.initialize_distributed("10.0.0.1:1234", 2, 0)
+
+
+@pytest.mark.parametrize("count", [0, -2, 1.5, True, "2"])
+def test_cpu_device_count_must_be_a_positive_integer(count):
+    with pytest.raises(ConfigError, match="positive integer"):
+        sharding.use_cpu_devices(count)
+
+
+def test_cpu_devices_cannot_change_once_jax_has_started():
+    jax.devices()
+    with pytest.raises(ConfigError, match="after JAX has started"):
+        sharding.use_cpu_devices(2)
