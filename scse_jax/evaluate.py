@@ -37,7 +37,7 @@ from scse_jax import metrics
 from scse_jax.data import dicom
 from scse_jax.data.labels import read_ground
 from scse_jax.data.types import CLASS_NAMES
-from scse_jax.errors import DataError, ScseError
+from scse_jax.errors import ConfigError, DataError, ScseError
 
 ROW_FIELDS = ("patient", "organ") + metrics.METRIC_NAMES
 _TABLE_HEADERS = ("patient", "organ", "Dice", "Jaccard", "RAVD (%)", "ASSD (mm)", "MSSD (mm)")
@@ -170,12 +170,13 @@ def score_checkpoint(path: Path | str, *, split: str = "test", which: str = "bes
 
     Returns (rows, predictions by case key, the prepared cases, the segmenter).
     """
-    from scse_jax.data.run_data import load_run_data
+    from scse_jax.data.run_data import prepare_split
     from scse_jax.inference import Segmenter
 
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
     segmenter = Segmenter.from_checkpoint(path, which=which)
-    data = load_run_data(segmenter.config)
-    cases = {"test": data.test, "val": data.val}[split]
+    cases = prepare_split(segmenter.config, split)
     if not cases:
         raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
     rows, predictions = score_prepared_cases(segmenter, cases)

@@ -219,3 +219,21 @@ def test_write_csv_round_trip(tmp_path):
 def test_scores_to_rows():
     rows = evaluate.scores_to_rows("7", {"liver": dict.fromkeys(METRIC_KEYS, 0.5)})
     assert rows == [{"patient": "7", "organ": "liver", **dict.fromkeys(METRIC_KEYS, 0.5)}]
+
+
+def test_checkpoint_scoring_reads_only_its_split_and_matches_the_runs_validation(tiny_trained_run, tmp_path, monkeypatch):
+    from scse_jax.data import preprocess
+
+    run, _, summary = tiny_trained_run
+    read = []
+    prepare = preprocess._prepare_with_status
+    monkeypatch.setattr(
+        preprocess, "_prepare_with_status", lambda case, *args: read.append(case.patient) or prepare(case, *args)
+    )
+    code = evaluate.main(["--checkpoint", str(run), "--split", "val", "--csv", str(tmp_path / "val.csv")])
+    assert code == 0
+    rows = list(csv.DictReader((tmp_path / "val.csv").open()))
+    val_patients = {row["patient"] for row in rows}
+    assert len(val_patients) == 1 and set(read) == val_patients  # no other patient prepared
+    for organ, dice in summary["dice"].items():
+        assert float(next(r["dice"] for r in rows if r["organ"] == organ)) == pytest.approx(dice, abs=1e-6)

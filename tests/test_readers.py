@@ -327,6 +327,12 @@ def test_png_pixel_limits(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- NIfTI
 
+nifti_affines = pytest.mark.parametrize(
+    "affine",
+    [np.diag([-1.5, 1.5, 4.0, 1.0]), np.array([[0, 0, 4.0, 0], [1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1.0]])],
+    ids=["axial", "slices-first"],
+)
+
 
 def _write_nifti(path: Path, data: np.ndarray) -> None:
     import nibabel
@@ -419,11 +425,7 @@ def test_fuzzed_png_raises_only_data_error(fuzz_seeds, mutations):
     assert ids.dtype == np.uint8 and ids.max() <= 4
 
 
-@pytest.mark.parametrize(
-    "affine",
-    [np.diag([-1.5, 1.5, 4.0, 1.0]), np.array([[0, 0, 4.0, 0], [1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1.0]])],
-    ids=["axial", "slices-first"],
-)
+@nifti_affines
 def test_nifti_slice_count_from_the_header_equals_the_loaded_volume(tmp_path, affine):
     nibabel = pytest.importorskip("nibabel")
     path = tmp_path / "image_4.nii.gz"
@@ -432,11 +434,7 @@ def test_nifti_slice_count_from_the_header_equals_the_loaded_volume(tmp_path, af
     assert nifti.num_slices(path) == voxels.shape[0]
 
 
-@pytest.mark.parametrize(
-    "affine",
-    [np.diag([-1.5, 1.5, 4.0, 1.0]), np.array([[0, 0, 4.0, 0], [1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1.0]])],
-    ids=["axial", "slices-first"],
-)
+@nifti_affines
 def test_nifti_labels_alone_equal_those_of_the_whole_case(tmp_path, affine):
     nibabel = pytest.importorskip("nibabel")
     label = np.random.default_rng(0).integers(0, 5, (6, 5, 3)).astype(np.uint8)

@@ -232,6 +232,14 @@ def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunDat
     )
 
 
+def prepare_split(config: ml_collections.ConfigDict, split: str) -> list[PreparedCase]:
+    """The prepared cases of one split ("train", "val" or "test") of the run's patients only."""
+    plan = plan_run_data(config)
+    settings = PreprocessSettings(image_size=config.data.image_size)
+    cases = plan.cases_of(getattr(plan.split, split))
+    return prepare_cases(cases, settings, cache_root(config.data) / "prepared")
+
+
 def load_run_data(config: ml_collections.ConfigDict) -> RunData:
     """Finds, splits (by patient) and prepares the data a run trains, validates and tests on."""
     return prepare_run_data(plan_run_data(config), config)
