@@ -141,9 +141,9 @@ class StreamedRunData:
 
     def __init__(self, plan: RunPlan, config: ml_collections.ConfigDict):
         self._plan, self._config = plan, config
-        self.train_cases = plan.cases_of(plan.split.train)
-        rng = np.random.default_rng((config.train.seed, 0))
-        self.train_cases = [self.train_cases[i] for i in rng.permutation(len(self.train_cases))]
+        in_patient_order = plan.cases_of(plan.split.train)
+        shuffled = np.random.default_rng((config.train.seed, 0)).permutation(len(in_patient_order))
+        self.train_cases = [in_patient_order[i] for i in shuffled]
         self._lengths = [chaos.num_slices(case) for case in self.train_cases]
         self.train = pipeline.StreamedSliceDataset(sum(self._lengths), config.data.image_size)
         self._weights: concurrent.futures.Future = concurrent.futures.Future()
