@@ -527,6 +527,14 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_title(results: dict[str, Any]) -> str:
+    settings, machine = results["settings"], results["machine"]
+    where = machine["cpu_model"] if machine["platform"] == "cpu" else machine["device_kind"]
+    if machine["platform"] == "cpu" and machine["device_count"] > 1:
+        where += f", {machine['device_count']} JAX devices"
+    return f"scse_jax U-Net ({settings['se']}, features {settings['features']}, {settings['dtype']}) on {where}"
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -567,11 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         results["scaling"] = run_scaling(args)
         if args.plot:
-            machine = results["machine"]
-            title = (
-                f"scse_jax U-Net ({args.se}, features {args.features}, {args.dtype}) on "
-                f"{machine['cpu_model'] if machine['platform'] == 'cpu' else machine['device_kind']}"
-            )
+            title = plot_title(results)
             plot_scaling(results["scaling"], args.plot, title)
     if args.json:
         write_json(results, args.json)

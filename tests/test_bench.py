@@ -79,6 +79,7 @@ def test_json_and_scaling_plot_are_written(bench, quick_results, tmp_path):
     bench.plot_scaling(rows, tmp_path / "plot.png", "test")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.summary_lines(quick_results)
+    assert bench.plot_title(quick_results).endswith(", 8 JAX devices")  # the plot names how the CPU was split
 
 
 def test_scaling_points_and_argument_checks(bench):
