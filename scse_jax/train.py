@@ -208,9 +208,9 @@ def jit_train_step(model, tx, train_config, mesh):
     )
 
 
-def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes: int) -> None:
+def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes: int):
     """Compiles `train_fn` for the run's batches before any exists, so that the first step
-    finds it in JAX's cache."""
+    finds it in JAX's cache; returns the compiled step."""
     size, batch = config.data.image_size, config.train.batch_size
     batch_sharding = sharding.batch_sharding(mesh)
     batch_spec = {
@@ -218,7 +218,37 @@ def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes
         "label": jax.ShapeDtypeStruct((batch, size, size), jnp.int32, sharding=batch_sharding),
     }
     weights_spec = jax.ShapeDtypeStruct((num_classes,), jnp.float32, sharding=sharding.replicated_sharding(mesh))
-    train_fn.lower(abstract_state, batch_spec, weights_spec).compile()
+    return train_fn.lower(abstract_state, batch_spec, weights_spec).compile()
+
+
+# Share of the memory the train step's temporaries may take; the rest holds the data, the
+# state and everything else the process keeps.
+STEP_MEMORY_SHARE = 0.75
+
+
+def memory_budget_bytes(device: jax.Device) -> int | None:
+    """What one device's program may use: the accelerator's limit, or the host's memory shared
+    by its CPU devices (None where unknown)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+        return physical // max(1, jax.local_device_count())
+    return None
+
+
+def step_fits_in_memory(compiled, device: jax.Device) -> tuple[bool, float]:
+    """Whether a compiled step's temporaries fit in STEP_MEMORY_SHARE of the device's budget;
+    also the temporaries in GiB."""
+    analysis = compiled.memory_analysis()
+    budget = memory_budget_bytes(device)
+    if analysis is None or budget is None:
+        return True, math.nan
+    return analysis.temp_size_in_bytes <= STEP_MEMORY_SHARE * budget, analysis.temp_size_in_bytes / 2**30
 
 
 def jit_eval_step(model, train_config, mesh):
@@ -481,7 +511,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh
     )
     train_fn = jit_train_step(model, tx, config.train, mesh)
-    compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
+    compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
+    fits, temp_gib = step_fits_in_memory(compiled, mesh.devices.flat[0])
+    if model.fast_kernel_gradient and not fits:
+        print(
+            f"The train step's fast kernel gradient needs {temp_gib:.1f} GiB of temporaries per device, more "
+            f"than this machine can spare: using XLA's kernel gradient (model.fast_kernel_gradient=False)",
+            flush=True,
+        )
+        model = model.clone(fast_kernel_gradient=False)
+        train_fn = jit_train_step(model, tx, config.train, mesh)
+        compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
     class_weights = jax.device_put(
         jnp.asarray(streamed.class_weights(), jnp.float32), sharding.replicated_sharding(mesh)
     )

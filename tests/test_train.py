@@ -234,3 +234,36 @@ def test_training_starts_before_the_last_training_case_is_read(tmp_path, monkeyp
     monkeypatch.setattr(chaos, "load_case", last_case_waits_for_the_first_step)
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert last_case_waited == [True] and np.isfinite(summary["dice_mean"])
+
+
+def test_a_train_step_too_big_for_memory_falls_back_to_xlas_kernel_gradient(tiny_data, tmp_path, monkeypatch, capsys):
+    compiled_models = []
+    jit_train_step = train.jit_train_step
+
+    def recording(model, *args):
+        compiled_models.append(model.fast_kernel_gradient)
+        return jit_train_step(model, *args)
+
+    monkeypatch.setattr(train, "jit_train_step", recording)
+    monkeypatch.setattr(train, "STEP_MEMORY_SHARE", 1e-9)  # nothing fits: the fallback must still train
+    summary = train.train_and_evaluate(tiny_config(*tiny_data), tmp_path / "run")
+    out = capsys.readouterr().out
+    assert compiled_models == [True, False]
+    assert "using XLA's kernel gradient (model.fast_kernel_gradient=False)" in out
+    assert np.isfinite(summary["dice_mean"])
+
+
+def test_step_memory_check_against_the_device_budget():
+    class Compiled:
+        def __init__(self, temp_bytes):
+            self.temp_bytes = temp_bytes
+
+        def memory_analysis(self):
+            return type("Analysis", (), {"temp_size_in_bytes": self.temp_bytes})()
+
+    device = jax.devices()[0]
+    budget = train.memory_budget_bytes(device)
+    assert budget and budget > 2**26  # the host's memory, shared by the test's 8 CPU devices
+    assert train.step_fits_in_memory(Compiled(2**20), device)[0]
+    fits, gib = train.step_fits_in_memory(Compiled(budget), device)
+    assert not fits and gib == pytest.approx(budget / 2**30)
