@@ -39,24 +39,31 @@ def test_the_first_batch_trains_before_the_last_case_is_read(tiny_data, tmp_path
     plan = plan_run_data(config)
     release = threading.Event()
     load_case = chaos.load_case
-    streamed = None
+    # Known from the plan, so the reader never looks at the object it is still being built into.
+    train_keys = {case.key for case in plan.cases_of(plan.split.train)}
+    train_loads = []
 
     def slow_for_the_last_case(case, **kwargs):
-        if case.key == streamed.train_cases[-1].key:
-            assert release.wait(timeout=30)
+        if case.key in train_keys:
+            train_loads.append(case.key)
+            if len(train_loads) == len(train_keys):
+                assert release.wait(timeout=60)
         return load_case(case, **kwargs)
 
     monkeypatch.setattr(chaos, "load_case", slow_for_the_last_case)
     streamed = StreamedRunData(plan, config)
-    batches = pipeline.iterate_batches(
-        streamed.train, batch_size=4, epoch=0, seed=0, order=streamed.first_epoch_order()
-    )
-    first = next(batches)
-    assert streamed.train.rows_filled < len(streamed.train)  # the last case is still being read
-    assert first["image"].shape == (4, 32, 32, 1) and np.abs(first["image"]).sum() > 0
-    release.set()
+    try:
+        batches = pipeline.iterate_batches(
+            streamed.train, batch_size=4, epoch=0, seed=0, order=streamed.first_epoch_order()
+        )
+        first = next(batches)
+        assert streamed.train.rows_filled < len(streamed.train)  # the last case is still being read
+        assert first["image"].shape == (4, 32, 32, 1) and np.abs(first["image"]).sum() > 0
+    finally:
+        release.set()
     assert len(list(batches)) == len(streamed.train) // 4 - 1
     assert streamed.result().train is streamed.train
+    assert train_loads == [case.key for case in streamed.train_cases]  # the held-back case was read last
 
 
 def test_a_case_that_fails_to_decode_stops_the_readers(tiny_data, tmp_path, monkeypatch):

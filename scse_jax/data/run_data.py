@@ -148,6 +148,7 @@ class StreamedRunData:
         self.train = pipeline.StreamedSliceDataset(sum(self._lengths), config.data.image_size)
         self._weights: concurrent.futures.Future = concurrent.futures.Future()
         self._result: concurrent.futures.Future = concurrent.futures.Future()
+        # Started last: the reader uses every attribute set above.
         threading.Thread(target=self._prepare, name="prepare-data", daemon=True).start()
 
     def first_epoch_order(self) -> np.ndarray | None:
