@@ -165,27 +165,25 @@ def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
     batch = next(iter(sharding.device_batches(host_batches, mesh)))
     weights = jax.device_put(jnp.asarray(data.class_weights, jnp.float32), sharding.replicated_sharding(mesh))
 
-    compile_seconds = []
+    compiled = []
 
-    def record(name, seconds, **_):
+    def record(name, seconds, fun_name="", **_):
         if name.endswith("backend_compile_duration"):
-            compile_seconds.append(seconds)
+            compiled.append(fun_name)
 
     train_fn = train.jit_train_step(model, tx, config.train, mesh)
-    jax.monitoring.register_event_duration_secs_listener(record)
-    jax.config.update("jax_enable_compilation_cache", False)  # the tests' disk cache would hide a miss
+    jax.monitoring.register_event_duration_secs_listener(record)  # a disk cache hit records it too
     try:
         train.compile_train_step_ahead(train_fn, abstract_state, config, mesh, len(plan.class_names))
-        ahead = sum(compile_seconds)
-        compile_seconds.clear()
+        ahead = list(compiled)
+        compiled.clear()
         state, parts = train_fn(state, batch, weights)
-        first_call = sum(compile_seconds)
+        first_call = list(compiled)
     finally:
         jax.monitoring.unregister_event_duration_listener(record)
-        jax.config.update("jax_enable_compilation_cache", True)
     assert np.isfinite(float(parts["loss"]))
-    # a cache miss compiles the whole step again (seconds); a hit takes milliseconds
-    assert first_call < max(0.2 * ahead, 0.1)
+    # a cache miss would compile the step again; counted, not timed, so load cannot fail it
+    assert ahead and not set(ahead) & set(first_call), (ahead, first_call)
 
 
 WAIT_S = 120
