@@ -2,7 +2,6 @@
 
 import functools
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -310,14 +309,14 @@ def test_prefetch_stops_its_thread_when_closed_early():
             yield i
             i += 1
 
-    before = threading.active_count()
+    before = set(threading.enumerate())
     stream = prefetch(endless(), size=2)
     assert next(stream) == 0
+    # this thread by itself: other tests' threads may start or end meanwhile
+    [producer] = [t for t in threading.enumerate() if t not in before and t.name == "prefetch"]
     stream.close()
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before
+    producer.join(timeout=30)
+    assert not producer.is_alive()
     assert len(produced) <= 5  # bounded by the queue, not run ahead
 
 
@@ -360,8 +359,21 @@ def test_streaming_order_mixes_cases():
         streaming_order([3], buffer_size=0, seed=0)
 
 
+class WatchedDataset(StreamedSliceDataset):
+    """Sets `waiting` once a reader asks for rows not filled yet."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.waiting = threading.Event()
+
+    def wait_for_rows(self, stop: int) -> None:
+        if stop > self.rows_filled:
+            self.waiting.set()
+        super().wait_for_rows(stop)
+
+
 def test_batches_of_a_streamed_dataset_wait_only_for_their_own_rows():
-    dataset = StreamedSliceDataset(12, 8)
+    dataset = WatchedDataset(12, 8)
     cases = [prepared("a", 4, offset=0.0), prepared("b", 4, offset=4.0), prepared("c", 4, offset=8.0)]
     order = streaming_order([4, 4, 4], buffer_size=2, seed=0)
     batches = iterate_batches(dataset, batch_size=2, epoch=0, seed=0, order=order)
@@ -370,12 +382,13 @@ def test_batches_of_a_streamed_dataset_wait_only_for_their_own_rows():
 
     reader = threading.Thread(target=lambda: got.extend(batches))
     reader.start()
-    time.sleep(0.3)
-    assert reader.is_alive()  # some batch needs a row of case "b", not read yet
+    assert dataset.waiting.wait(timeout=60)  # some batch needs a row of case "b", not read yet
+    reader.join(timeout=0.5)  # time for a reader that does not wait to run ahead; one that waits cannot end
+    assert reader.is_alive()
     assert all(row < 4 for batch in got for row in example_ids(batch))
     dataset.append_case(cases[1])
     dataset.append_case(cases[2])
-    reader.join(timeout=10)
+    reader.join(timeout=60)
     assert not reader.is_alive()
     ids = sum((example_ids(b) for b in got), [])
     assert ids == order.tolist()  # example i holds pixel value i: rows land in case order
@@ -383,11 +396,16 @@ def test_batches_of_a_streamed_dataset_wait_only_for_their_own_rows():
 
 
 def test_a_failed_producer_reaches_the_waiting_reader():
-    dataset = StreamedSliceDataset(8, 8)
+    dataset = WatchedDataset(8, 8)
     dataset.append_case(prepared("a", 4))
     batches = iterate_batches(dataset, batch_size=4, epoch=0, seed=0, order=np.arange(8))
     next(batches)
-    threading.Timer(0.1, dataset.fail, args=(DataError("image_9.dcm: truncated"),)).start()
+
+    def fail_once_the_reader_waits():
+        dataset.waiting.wait(timeout=60)
+        dataset.fail(DataError("image_9.dcm: truncated"))
+
+    threading.Thread(target=fail_once_the_reader_waits, daemon=True).start()
     with pytest.raises(DataError, match="could not be prepared: image_9.dcm: truncated"):
         next(batches)
 
