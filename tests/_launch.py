@@ -94,6 +94,11 @@ class Run:
         return "\n".join(self.stdout) + "\n--- stderr ---\n" + "\n".join(self.stderr)
 
 
+def paused_at(point: str, marker: Path, args: list[str]) -> list[str]:
+    """`args` (from `launch_args`) made to create `marker` and stop at `point` (see tests/_pause.py)."""
+    return [args[0], "-m", "tests._pause", point, str(marker), *args[1:]]
+
+
 def run_to_end(args: list[str], env: dict[str, str] | None = None) -> Run:
     run = Run(args, env)
     run.finish()

@@ -21,6 +21,7 @@ from tests._launch import (
     Run,
     complete_steps,
     launch_args,
+    paused_at,
     read_metrics,
     restore_state,
     run_to_end,
@@ -63,17 +64,17 @@ def interrupted(data, tmp_path_factory):
     args = launch_args(workdir, *data, f"--config.train.num_epochs={EPOCHS}")
     attempts = {}
 
-    def start(name):
+    def start(name, pause_at=None):
         steps = complete_steps(ckpt_dir)
-        attempts[name] = {"resumed_from": steps[-1] if steps else None, "run": Run(args)}
-        return attempts[name]["run"]
+        marker = workdir.parent / f"{name}.paused"
+        run = Run(paused_at(pause_at, marker, args) if pause_at else args)
+        attempts[name] = {"resumed_from": steps[-1] if steps else None, "run": run}
+        if pause_at:  # the kill lands exactly there, however loaded the machine
+            run.wait_until(marker.exists, f"the run stopped at {pause_at}")
+        return run
 
     # 1. SIGKILL while orbax writes the checkpoint of epoch 2 (epoch 1's is complete).
-    run = start("mid_save")
-    run.wait_until(
-        lambda: 2 in complete_steps(ckpt_dir) and any(n.startswith("4.") for n in temporary_folders(ckpt_dir)),
-        "the temporary folder of checkpoint 4",
-    )
+    run = start("mid_save", pause_at="save:4")
     run.process.kill()
     run.finish()
     attempts["mid_save"]["left_behind"] = temporary_folders(ckpt_dir)
@@ -86,13 +87,7 @@ def interrupted(data, tmp_path_factory):
     run.finish()
 
     # 3. SIGKILL during the validation of epoch 3 (its train record is written, its val record not).
-    run = start("mid_eval")
-
-    def evaluating_epoch_3():
-        seen = {(r["split"], r["epoch"]) for r in read_metrics(workdir)}
-        return ("train", 3) in seen and ("val", 3) not in seen
-
-    run.wait_until(evaluating_epoch_3, "epoch 3's train record without its val record")
+    run = start("mid_eval", pause_at="eval:3")
     run.process.kill()
     run.finish()
     attempts["mid_eval"]["records_at_kill"] = read_metrics(workdir)
@@ -104,8 +99,7 @@ def interrupted(data, tmp_path_factory):
     run.finish()
 
     # 5. SIGKILL in the middle of epoch 4's steps.
-    run = start("mid_step")
-    run.wait_until(lambda: run.saw_line(f"step 7/{LAST_STEP}"), "step 7")
+    run = start("mid_step", pause_at="step:7")
     run.process.kill()
     run.finish()
     attempts["mid_step"]["steps_after"] = complete_steps(ckpt_dir)
