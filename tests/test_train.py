@@ -186,7 +186,7 @@ def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
     assert ahead and not set(ahead) & set(first_call), (ahead, first_call)
 
 
-WAIT_S = 120
+WAIT_S = 600  # a guard against a hang only: an event ends the wait below, however slow the first step
 
 
 def test_training_starts_before_the_last_training_case_is_read(tmp_path, monkeypatch):
@@ -197,6 +197,7 @@ def test_training_starts_before_the_last_training_case_is_read(tmp_path, monkeyp
     root = synthetic.write_synthetic_chaos(tmp_path / "chaos", patients=8, size=32, slices=8, seed=1, modalities=("MR",))
     config = tiny_config(root, tmp_path / "cache")  # 5 training patients: 5 steps of 8 slices
     first_step_done = threading.Event()
+    decided = threading.Event()  # the first step is done, or training waits for the held-back case
     last_case_waited = []
     jit_train_step, load_case = train.jit_train_step, chaos.load_case
 
@@ -209,15 +210,31 @@ def test_training_starts_before_the_last_training_case_is_read(tmp_path, monkeyp
             outputs = self.compiled(*args)
             jax.block_until_ready(outputs)
             first_step_done.set()
+            decided.set()
             return outputs
 
     def last_case_waits_for_the_first_step(case, **kwargs):
         assert cases_known.wait(timeout=60)
         if case.key == streamed_cases[-1].key:
-            last_case_waited.append(first_step_done.wait(timeout=WAIT_S))
+            decided.wait(timeout=WAIT_S)
+            last_case_waited.append(first_step_done.is_set())
         return load_case(case, **kwargs)
 
+    from scse_jax.data.pipeline import StreamedSliceDataset
     from scse_jax.data.run_data import StreamedRunData
+
+    # Training that waits for the held-back case releases it at once (and fails), not after WAIT_S.
+    wait_for_rows, result, rows_asked = StreamedSliceDataset.wait_for_rows, StreamedRunData.result, []
+
+    def first_batch_may_need_the_last_case(self, stop):
+        if not rows_asked and stop > len(self) - chaos.num_slices(streamed_cases[-1]):
+            decided.set()
+        rows_asked.append(stop)
+        wait_for_rows(self, stop)
+
+    def every_case_may_be_awaited(self):
+        decided.set()
+        return result(self)
 
     streamed_cases, cases_known = [], threading.Event()
     original_init = StreamedRunData.__init__
@@ -228,6 +245,8 @@ def test_training_starts_before_the_last_training_case_is_read(tmp_path, monkeyp
         cases_known.set()
 
     monkeypatch.setattr(StreamedRunData, "__init__", recording_init)
+    monkeypatch.setattr(StreamedSliceDataset, "wait_for_rows", first_batch_may_need_the_last_case)
+    monkeypatch.setattr(StreamedRunData, "result", every_case_may_be_awaited)
     monkeypatch.setattr(train, "jit_train_step", SignallingStep)
     monkeypatch.setattr(chaos, "load_case", last_case_waits_for_the_first_step)
     summary = train.train_and_evaluate(config, tmp_path / "run")
