@@ -19,3 +19,7 @@ class CheckpointError(ScseError):
 
 class TrainingError(ScseError):
     """Training cannot go on (for example a non-finite loss)."""
+
+
+class RunStopped(ScseError):
+    """A run stopped on SIGTERM/SIGINT after saving a checkpoint: resumable, not finished."""

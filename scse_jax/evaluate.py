@@ -33,13 +33,16 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from scse_jax import metrics
 from scse_jax.data import dicom
 from scse_jax.data.labels import read_ground
 from scse_jax.data.types import CLASS_NAMES
 from scse_jax.errors import ConfigError, DataError, ScseError
+from scse_jax.postprocess import add_largest_component_flag
 
-ROW_FIELDS = ("patient", "organ") + metrics.METRIC_NAMES
+ROW_FIELDS = ("patient", "organ") + metrics.METRIC_NAMES + ("volume_ratio",) + metrics.FALSE_POSITIVE_SITES
 _TABLE_HEADERS = ("patient", "organ", "Dice", "Jaccard", "RAVD (%)", "ASSD (mm)", "MSSD (mm)")
 
 
@@ -151,21 +154,30 @@ def _summary_line(values: Mapping[str, float]) -> str:
     return " ".join(f"{name.upper()}={_format_value(values[name])}" for name in metrics.METRIC_NAMES)
 
 
+def score_prediction(prediction: np.ndarray, case, class_names: Sequence[str]) -> list[dict]:
+    """One row per organ of a prepared case's native-grid prediction: patient, organ, the CHAOS
+    metrics, the predicted / true volume and where the false positives are."""
+    rows = []
+    for class_id in range(1, len(class_names)):
+        scores = metrics.binary_scores(prediction == class_id, case.native_labels == class_id, case.geometry)
+        analysis = metrics.volume_analysis(prediction, case.native_labels, class_id)
+        rows.append({"patient": case.patient, "organ": class_names[class_id], **scores, **analysis})
+    return rows
+
+
 def score_prepared_cases(segmenter, cases) -> tuple[list[dict], dict[str, object]]:
     """Segments prepared cases and scores them on their native grid; returns rows and predictions."""
-    from scse_jax.data.preprocess import resize_to_native
-
     rows, predictions = [], {}
-    class_ids = range(1, len(segmenter.class_names))
     for case in cases:
-        labels = resize_to_native(segmenter.segment(case.images), case.native_shape[1:])
+        labels = segmenter.segment_to_native(case.images, case.native_shape[1:])
         predictions[case.case_key] = labels
-        scores = metrics.score_volume(labels, case.native_labels, case.geometry, class_ids=class_ids)
-        rows += scores_to_rows(case.patient, {segmenter.class_names[c]: v for c, v in scores.items()})
+        rows += score_prediction(labels, case, segmenter.class_names)
     return rows, predictions
 
 
-def score_checkpoint(path: Path | str, *, split: str = "test", which: str = "best"):
+def score_checkpoint(
+    path: Path | str, *, split: str = "test", which: str = "best", largest_component: bool | None = None
+):
     """Scores a run's checkpoint on the patients of one split of its own config.
 
     Returns (rows, predictions by case key, the prepared cases, the segmenter).
@@ -175,7 +187,7 @@ def score_checkpoint(path: Path | str, *, split: str = "test", which: str = "bes
 
     if split not in ("test", "val"):
         raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
-    segmenter = Segmenter.from_checkpoint(path, which=which)
+    segmenter = Segmenter.from_checkpoint(path, which=which, largest_component=largest_component)
     cases = prepare_split(segmenter.config, split)
     if not cases:
         raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
@@ -184,7 +196,9 @@ def score_checkpoint(path: Path | str, *, split: str = "test", which: str = "bes
 
 
 def _score_checkpoint_command(args) -> int:
-    rows, _, _, segmenter = score_checkpoint(args.checkpoint, split=args.split, which=args.which)
+    rows, _, _, segmenter = score_checkpoint(
+        args.checkpoint, split=args.split, which=args.which, largest_component=args.largest_component
+    )
     print(f"{args.split} patients, checkpoint step {segmenter.step} of {args.checkpoint}:")
     print(results_table(rows))
     if args.csv:
@@ -203,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--which", default="best", help="best, latest or a step number")
     parser.add_argument("--csv", type=Path, help="with --checkpoint: also write the rows as CSV")
+    add_largest_component_flag(parser)
     args = parser.parse_args(argv)
     if args.checkpoint is None and None in (args.ground, args.seg, args.dicom):
         parser.error("give --ground, --seg and --dicom, or --checkpoint")

@@ -1,13 +1,17 @@
-"""Trains and scores several configs over the same patient-wise folds, and compares them.
+"""Trains and scores several configs over the same patient-wise folds and seeds, and compares them.
 
-    python -m scse_jax.experiment --config configs/mr_unet.py --config configs/mr_scse.py \\
-        --out runs/mr_study --folds 5 --set data.root=../shared/data/chaos_mr_t2 --set data.image_size=128
+    python -m scse_jax.experiment --config configs/mr_unet_cpu.py --config configs/mr_scse_cpu.py \\
+        --out runs/mr_study --folds 5 --seeds 0,1 --set data.root=../shared/data/chaos_mr_t2
 
-Each (config, fold) run lives in ``<out>/<config name>/fold<k>`` and is resumable: a killed
-study started again with the same command skips finished runs (those with
-``test_scores.csv``) and resumes the unfinished one from its checkpoint. At the end it writes
-``results.md`` (mean +- std over held-out patients per organ, a paired test across patients),
-``results.csv`` (every patient and organ), ``loss_curves.png`` and side-by-side overlays.
+Each (config, seed, fold) run lives in ``<out>/<config name>/seed<s>/fold<k>`` and is
+resumable: a study started again with the same command skips finished runs (those with
+``test_scores.csv``, written only after training ended and the test patients were scored) and
+resumes the unfinished one from its checkpoint; a run stopped by SIGTERM/Ctrl-C is not scored.
+Test patients are scored with and without keeping each organ's largest connected component.
+At the end it writes ``results.md`` (mean +- std over held-out patients and seeds per organ,
+per-seed means, post-processing on/off, a paired test), ``results.csv`` (every patient, organ,
+seed and post-processing), ``loss_curves.png`` and side-by-side overlays; ``--report-only``
+writes them from the runs finished so far, marked partial.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import ast
 import csv
 import importlib.util
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -25,9 +30,9 @@ import ml_collections
 import numpy as np
 
 from scse_jax import evaluate, plots, train
-from scse_jax.errors import ConfigError, ScseError
+from scse_jax.errors import ConfigError, RunStopped, ScseError
 
-SUMMARY_METRICS = ("dice", "jaccard", "assd", "mssd")
+SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
 
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
@@ -67,20 +72,34 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
         raise ConfigError(f"--set {key}={text}: {error}") from error
 
 
+# Test scores are written with and without post-processing, so a study measures both.
+POSTPROCESSING = {"none": False, "largest_component": True}
+
+
 def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
-    """Trains (or resumes) one run and scores its best checkpoint on the held-out patients."""
+    """Trains (or resumes) one run and scores its best checkpoint on the held-out patients,
+    once per POSTPROCESSING choice (column "postprocess").
+
+    A run stopped by SIGTERM/SIGINT raises RunStopped from training and is never scored, so
+    the next call resumes it.
+    """
     scores_path = workdir / "test_scores.csv"
     if scores_path.exists():
         with scores_path.open() as stream:
             return [_typed_row(row) for row in csv.DictReader(stream)]
     train.train_and_evaluate(config, workdir)
-    rows, _, _, _ = evaluate.score_checkpoint(workdir, split="test", which="best")
-    evaluate.write_csv(rows, scores_path)
+    rows = []
+    for name, largest_component in POSTPROCESSING.items():
+        scored, _, _, _ = evaluate.score_checkpoint(
+            workdir, split="test", which="best", largest_component=largest_component
+        )
+        rows += [{**row, "postprocess": name} for row in scored]
+    _write_all_rows(rows, scores_path)
     return rows
 
 
 def _typed_row(row: dict) -> dict:
-    return {key: (value if key in ("patient", "organ") else float(value)) for key, value in row.items()}
+    return {key: (value if key in ("patient", "organ", "postprocess") else float(value)) for key, value in row.items()}
 
 
 def mean_std(values) -> str:
@@ -90,19 +109,28 @@ def mean_std(values) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1) if values.size > 1 else 0.0:.3f}"
 
 
-def per_patient_mean(rows: list[dict], metric: str) -> dict[str, float]:
-    """Mean over organs of one metric, per patient."""
-    patients: dict[str, list[float]] = {}
+def per_patient_mean(rows: list[dict], metric: str) -> dict[tuple, float]:
+    """Mean over organs of one metric, per (patient, seed)."""
+    patients: dict[tuple, list[float]] = {}
     for row in rows:
-        patients.setdefault(row["patient"], []).append(row[metric])
-    return {patient: float(np.mean(values)) for patient, values in patients.items()}
+        patients.setdefault((row["patient"], int(row.get("seed", 0))), []).append(row[metric])
+    return {key: float(np.mean(values)) for key, values in patients.items()}
+
+
+def seed_means(rows: list[dict], metric: str = "dice") -> dict[int, float]:
+    """Per seed, the mean over patients of the per-patient mean over organs."""
+    by_seed: dict[int, list[float]] = {}
+    for (_, seed), value in per_patient_mean(rows, metric).items():
+        by_seed.setdefault(seed, []).append(value)
+    return {seed: float(np.mean(values)) for seed, values in sorted(by_seed.items())}
 
 
 def results_markdown(rows_by_model: dict[str, list[dict]], organs: list[str]) -> str:
-    """Per model: mean ± std over held-out patients, per organ and over organs."""
+    """Per model: mean ± std over held-out patients and seeds (one value per patient and seed),
+    per organ and over organs, and the predicted / true volume."""
     lines = [
-        "| model | organ | Dice | Jaccard | ASSD (mm) | MSSD (mm) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | organ | Dice | Jaccard | RAVD (%) | ASSD (mm) | MSSD (mm) | volume ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, rows in rows_by_model.items():
         for organ in organs:
@@ -115,34 +143,54 @@ def results_markdown(rows_by_model: dict[str, list[dict]], organs: list[str]) ->
 
 
 def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str = "dice") -> dict[str, float]:
-    """B minus A on the per-patient mean over organs: mean difference, wins, Wilcoxon and t-test p."""
+    """B minus A on the per-(patient, seed) mean over organs: mean difference, wins, Wilcoxon
+    and t-test p over every pair; and the same test on patients' means over seeds (pairs of one
+    patient are not independent, so that one is the conservative reading)."""
     from scipy import stats
 
     a, b = per_patient_mean(rows_a, metric), per_patient_mean(rows_b, metric)
-    patients = sorted(set(a) & set(b))
-    diff = np.array([b[p] - a[p] for p in patients])
-    result = {"patients": len(patients), "mean_difference": float(diff.mean()), "b_better": int((diff > 0).sum())}
-    if len(patients) >= 2 and np.any(diff != 0):
+    pairs = sorted(set(a) & set(b))
+    diff = np.array([b[key] - a[key] for key in pairs])
+    result = {
+        "pairs": len(pairs),
+        "patients": len({patient for patient, _ in pairs}),
+        "mean_difference": float(diff.mean()) if len(pairs) else math.nan,
+        "b_better": int((diff > 0).sum()),
+    }
+    if len(pairs) >= 2 and np.any(diff != 0):
         result["wilcoxon_p"] = float(stats.wilcoxon(diff).pvalue)
-        result["paired_t_p"] = float(stats.ttest_rel([b[p] for p in patients], [a[p] for p in patients]).pvalue)
+        result["paired_t_p"] = float(stats.ttest_rel([b[k] for k in pairs], [a[k] for k in pairs]).pvalue)
+    patient_diff: dict[str, list[float]] = {}
+    for (patient, _), value in zip(pairs, diff):
+        patient_diff.setdefault(patient, []).append(value)
+    by_patient = np.array([np.mean(values) for values in patient_diff.values()])
+    if len(by_patient) >= 2 and np.any(by_patient != 0):
+        result["patient_means_wilcoxon_p"] = float(stats.wilcoxon(by_patient).pvalue)
     return result
 
 
-def plot_study_curves(out: Path, names: list[str], folds: int) -> Path:
+def run_dir(out: Path, name: str, seed: int, fold: int) -> Path:
+    return out / name / f"seed{seed}" / f"fold{fold}"
+
+
+def plot_study_curves(out: Path, names: list[str], seeds: list[int], folds: int) -> Path:
+    """Train (solid) and validation (dashed) loss per epoch of every run, one panel per config."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5 * len(names), 3.6), dpi=100)
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for fold in range(folds):
-            path = out / name / f"fold{fold}" / "metrics.jsonl"
-            if not path.exists():
-                continue
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            for split, style in (("train", "-"), ("val", "--")):
-                points = sorted((r["epoch"], r["loss"]) for r in records if r["split"] == split and "loss" in r)
-                if points:
-                    ax.plot(*zip(*points), style, color=f"C{fold}", label=f"fold {fold} {split}")
+        for seed in seeds:
+            for fold in range(folds):
+                path = run_dir(out, name, seed, fold) / "metrics.jsonl"
+                if not path.exists():
+                    continue
+                records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                for split, style in (("train", "-"), ("val", "--")):
+                    points = sorted((r["epoch"], r["loss"]) for r in records if r["split"] == split and "loss" in r)
+                    label = f"fold {fold} {split}" if seed == seeds[0] else None
+                    if points:
+                        ax.plot(*zip(*points), style, color=f"C{fold}", alpha=0.8, label=label)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
@@ -153,11 +201,11 @@ def plot_study_curves(out: Path, names: list[str], folds: int) -> Path:
     return out / "loss_curves.png"
 
 
-def save_comparison_overlays(out: Path, names: list[str], fold: int = 0, count: int = 3) -> list[Path]:
+def save_comparison_overlays(out: Path, names: list[str], seed: int, fold: int, count: int = 3) -> list[Path]:
     """image | each model | ground truth for held-out patients of one fold."""
     predictions, cases = {}, None
     for name in names:
-        _, by_case, fold_cases, _ = evaluate.score_checkpoint(out / name / f"fold{fold}", split="test")
+        _, by_case, fold_cases, _ = evaluate.score_checkpoint(run_dir(out, name, seed, fold), split="test")
         predictions[name] = by_case
         cases = fold_cases
     paths = []
@@ -167,10 +215,12 @@ def save_comparison_overlays(out: Path, names: list[str], fold: int = 0, count: 
     return paths
 
 
-def run_study(config_paths: list[str], out: Path, *, folds: int, overrides: list[str]) -> str:
+def load_study_configs(config_paths: list[str], overrides: list[str], folds: int) -> dict[str, ml_collections.ConfigDict]:
     names = [Path(p).stem for p in config_paths]
     if len(set(names)) != len(names):
         raise ConfigError(f"config names must differ: {names}")
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2 (each patient is tested once), got {folds}")
     configs = {}
     for name, path in zip(names, config_paths):
         config = load_config_file(path)
@@ -179,41 +229,93 @@ def run_study(config_paths: list[str], out: Path, *, folds: int, overrides: list
         config.data.num_folds = folds
         train.validate_config(config)
         configs[name] = config
-    rows_by_model: dict[str, list[dict]] = {name: [] for name in names}
-    for fold in range(folds):
-        for name in names:
-            config = ml_collections.ConfigDict(configs[name].to_dict())
-            config.data.fold = fold
-            print(f"== {name}, fold {fold + 1}/{folds} ==", flush=True)
-            rows = run_fold(config, out / name / f"fold{fold}")
-            rows_by_model[name] += [{**row, "fold": fold} for row in rows]
+    return configs
 
-    organs = list(dict.fromkeys(row["organ"] for rows in rows_by_model.values() for row in rows))
+
+def run_study(
+    config_paths: list[str],
+    out: Path,
+    *,
+    folds: int,
+    seeds: list[int],
+    overrides: list[str],
+    report_only: bool = False,
+) -> str:
+    """Trains every (seed, fold, config) run not yet finished, then writes the report.
+
+    With ``report_only`` nothing is trained: the report covers the finished runs and says so
+    when some are missing ("partial").
+    """
+    configs = load_study_configs(config_paths, overrides, folds)
+    names = list(configs)
+    rows_by_model: dict[str, list[dict]] = {name: [] for name in names}
+    missing = []
+    for seed in seeds:
+        for fold in range(folds):
+            for name in names:
+                workdir = run_dir(out, name, seed, fold)
+                if report_only and not (workdir / "test_scores.csv").exists():
+                    missing.append(f"{name} seed {seed} fold {fold}")
+                    continue
+                config = ml_collections.ConfigDict(configs[name].to_dict())
+                config.data.fold = fold
+                config.train.seed = seed
+                print(f"== {name}, seed {seed}, fold {fold + 1}/{folds} ==", flush=True)
+                rows = run_fold(config, workdir)
+                rows_by_model[name] += [{**row, "seed": seed, "fold": fold} for row in rows]
+
     all_rows = [{"model": name, **row} for name, rows in rows_by_model.items() for row in rows]
+    if not all_rows:
+        raise ConfigError(f"no finished runs in {out} to report on")
     _write_all_rows(all_rows, out / "results.csv")
+    chosen = {
+        name: [r for r in rows if r["postprocess"] == _postprocess_name(configs[name])]
+        for name, rows in rows_by_model.items()
+    }
+    organs = list(dict.fromkeys(row["organ"] for rows in chosen.values() for row in rows))
     command = "python -m scse_jax.experiment " + " ".join(
-        [f"--config {p}" for p in config_paths] + [f"--out {out}", f"--folds {folds}"]
+        [f"--config {p}" for p in config_paths]
+        + [f"--out {out}", f"--folds {folds}", f"--seeds {','.join(map(str, seeds))}"]
         + [f"--set {shlex.quote(o)}" for o in overrides]
     )
-    report = [
-        "# Patient-wise cross-validation",
+    title = "# Patient-wise cross-validation" + (" (partial)" if missing else "")
+    report = [title, "", f"Reproduce: `{command}`", ""]
+    if missing:
+        report += [f"**Partial**: {len(missing)} of {len(seeds) * folds * len(names)} runs not finished yet "
+                   f"({'; '.join(missing)}).", ""]
+    report += [
+        f"{folds} folds x seeds {', '.join(map(str, seeds))}; each patient is scored once per seed, by the "
+        "fold that held it out (best checkpoint by validation Dice). Metrics at native resolution, CHAOS "
+        "definitions; mean ± std over (patient, seed) pairs. Post-processing: "
+        + ", ".join(f"{name} {_postprocess_name(configs[name])}" for name in names) + ".",
         "",
-        f"Reproduce: `{command}`",
+        results_markdown(chosen, organs),
         "",
-        f"{folds} folds; each patient is scored once, by the fold that held it out (best checkpoint by "
-        "validation Dice). Metrics at native resolution, CHAOS definitions; mean ± std over patients.",
+        "Mean Dice over organs, per seed (mean over patients):",
         "",
-        results_markdown(rows_by_model, organs),
     ]
+    report += [f"- {name}: " + ", ".join(f"seed {seed} {value:.3f}" for seed, value in seed_means(rows).items())
+               for name, rows in chosen.items()]
+    report += ["", "Post-processing, mean Dice over organs and patients (none -> largest component):", ""]
+    for name, rows in rows_by_model.items():
+        by_choice = {choice: seed_means([r for r in rows if r["postprocess"] == choice]) for choice in POSTPROCESSING}
+        report.append(f"- {name}: " + " -> ".join(
+            f"{np.mean(list(values.values())):.3f}" for values in by_choice.values() if values
+        ))
     if len(names) == 2:
-        comparison = paired_comparison(rows_by_model[names[0]], rows_by_model[names[1]])
-        report += ["", f"Paired comparison across patients, {names[1]} minus {names[0]} (mean Dice over organs):",
+        comparison = paired_comparison(chosen[names[0]], chosen[names[1]])
+        report += ["", f"Paired comparison, {names[1]} minus {names[0]} (mean Dice over organs per patient and seed):",
                    "", "```", json.dumps(comparison, indent=2), "```"]
     text = "\n".join(report) + "\n"
     (out / "results.md").write_text(text)
-    plot_study_curves(out, names, folds)
-    save_comparison_overlays(out, names)
+    plot_study_curves(out, names, seeds, folds)
+    if not missing:
+        save_comparison_overlays(out, names, seeds[0], 0)
     return text
+
+
+def _postprocess_name(config: ml_collections.ConfigDict) -> str:
+    return "largest_component" if config.eval.get("largest_component", False) else "none"
 
 
 def _write_all_rows(rows: list[dict], path: Path) -> None:
@@ -226,16 +328,34 @@ def _write_all_rows(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give one or more distinct seeds")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scse_jax.experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True, help="a config file; repeat to compare")
     parser.add_argument("--out", required=True, type=Path, help="study folder (resumable)")
     parser.add_argument("--folds", type=int, default=5, help="patient-wise folds")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every config")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     args = parser.parse_args(argv)
     try:
+        seeds = parse_seeds(args.seeds)
         args.out.mkdir(parents=True, exist_ok=True)
-        print(run_study(args.config, args.out, folds=args.folds, overrides=args.set))
+        print(run_study(
+            args.config, args.out, folds=args.folds, seeds=seeds, overrides=args.set, report_only=args.report_only
+        ))
+    except RunStopped as stopped:
+        print(f"{stopped}; the same experiment command resumes the study", file=sys.stderr)
+        return 1
     except ScseError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

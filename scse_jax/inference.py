@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scse_jax import checkpoint, sharding
+from scse_jax import checkpoint, postprocess, sharding
 from scse_jax.data import preprocess
 from scse_jax.data.types import Volume
 from scse_jax.errors import CheckpointError, ConfigError
@@ -51,10 +51,16 @@ class Segmenter:
         *,
         batch_size: int | None = None,
         step: int | None = None,
+        largest_component: bool | None = None,
     ):
+        """``largest_component`` (None: the run's eval.largest_component) keeps each organ's
+        largest connected component in native-grid results (see `postprocess`)."""
         from scse_jax.train import build_model
 
         self.config = config
+        self.largest_component = (
+            config.eval.get("largest_component", False) if largest_component is None else largest_component
+        )
         self.class_names = tuple(class_names)
         self.step = step
         self.mesh = sharding.make_data_mesh()
@@ -68,7 +74,12 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, which: str = "latest", batch_size: int | None = None
+        cls,
+        path: str | Path,
+        *,
+        which: str = "latest",
+        batch_size: int | None = None,
+        largest_component: bool | None = None,
     ) -> "Segmenter":
         """Restores config, parameters and BatchNorm statistics from a run's workdir or checkpoint folder.
 
@@ -97,7 +108,9 @@ class Segmenter:
             state = _restore_state(ckpts, step, meta, config, len(class_names))
         finally:
             ckpts.close()
-        return cls(config, state.variables(), class_names, batch_size=batch_size, step=step)
+        return cls(
+            config, state.variables(), class_names, batch_size=batch_size, step=step, largest_component=largest_component
+        )
 
     def _compiled(self, *, probabilities: bool, tta: bool):
         key = (probabilities, tta)
@@ -154,11 +167,20 @@ class Segmenter:
         images = preprocess.resize_slices(
             preprocess.normalise(voxels, modality, self.settings), self.settings.image_size, order=1
         )
-        result = self.segment(images, probabilities=probabilities, tta=tta)
         if not probabilities:
-            return preprocess.resize_to_native(result, voxels.shape[1:])
-        channels = [preprocess.resize_to_grid(result[..., c], voxels.shape[1:], order=1) for c in range(result.shape[-1])]
+            return self.segment_to_native(images, voxels.shape[1:], tta=tta)
+        result = self.segment(images, probabilities=True, tta=tta)
+        channels = [preprocess.resize_to(result[..., c], voxels.shape[1:], order=1) for c in range(result.shape[-1])]
         return np.stack(channels, axis=-1)
+
+    def segment_to_native(self, images: np.ndarray, native_rows_cols: tuple[int, int], *, tta: bool = False):
+        """Class ids of preprocessed slices, on the native (rows, cols) grid, post-processed."""
+        return postprocess.to_native(
+            self.segment(images, tta=tta),
+            native_rows_cols,
+            num_classes=len(self.class_names),
+            largest_component=self.largest_component,
+        )
 
     def segment_series(self, dicom_dir: str | Path, **kwargs) -> np.ndarray:
         """Segments a DICOM series folder; returns (slices, rows, cols) in the series' file order."""

@@ -162,6 +162,43 @@ def score_volume(
     }
 
 
+# Where a class's false-positive voxels lie, as fractions of its true volume (see `volume_analysis`).
+FALSE_POSITIVE_SITES = ("fp_off_slices", "fp_other_organs", "fp_boundary", "fp_elsewhere")
+BOUNDARY_PIXELS = 2  # in-plane distance from the true organ that counts as its boundary
+
+
+def volume_analysis(prediction: np.ndarray, ground_truth: np.ndarray, class_id: int) -> dict[str, float]:
+    """Predicted / true volume of one class, and where its false positives are.
+
+    Every false-positive voxel is counted once, in the first site that holds it: a slice with
+    none of the class in the ground truth; another organ; within BOUNDARY_PIXELS in-plane of the
+    class's true outline; elsewhere. All as fractions of the true volume, so
+    volume_ratio = (true positives + the four sites) / true volume. A class absent from the
+    ground truth gets nan (there is no volume to compare with).
+    """
+    prediction, ground_truth = np.asarray(prediction), np.asarray(ground_truth)
+    truth = ground_truth == class_id
+    true_volume = int(np.count_nonzero(truth))
+    if true_volume == 0:
+        return dict.fromkeys(("volume_ratio",) + FALSE_POSITIVE_SITES, math.nan)
+    false_positive = (prediction == class_id) & ~truth
+    off_slices = false_positive & ~truth.any(axis=(1, 2))[:, None, None]
+    other_organs = false_positive & ~off_slices & (ground_truth != 0)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    near = ndimage.binary_dilation(truth, structure=in_plane, iterations=BOUNDARY_PIXELS)
+    rest = false_positive & ~off_slices & ~other_organs
+    counts = {
+        "fp_off_slices": off_slices,
+        "fp_other_organs": other_organs,
+        "fp_boundary": rest & near,
+        "fp_elsewhere": rest & ~near,
+    }
+    result = {"volume_ratio": np.count_nonzero(prediction == class_id) / true_volume}
+    result.update({name: np.count_nonzero(mask) / true_volume for name, mask in counts.items()})
+    return {name: float(value) for name, value in result.items()}
+
+
 def chaos_score(metric_name: str, value: float) -> float:
     """The CHAOS challenge's 0..100 points for one metric value (non-finite values get 0)."""
     if metric_name not in CHAOS_SCORE_RANGES:

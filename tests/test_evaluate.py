@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from scse_jax import evaluate
+from scse_jax import evaluate, metrics
 from scse_jax.data.labels import class_ids_to_gray
 
 # Printed by the CHAOS challenge's evaluation (emrekavur/CHAOS-evaluation README, MATLAB and
@@ -210,7 +210,9 @@ def test_write_csv_round_trip(tmp_path):
     evaluate.write_csv(ROWS, path)
     with path.open(newline="") as stream:
         read = list(csv.DictReader(stream))
-    assert list(read[0]) == ["patient", "organ", "dice", "jaccard", "ravd", "assd", "mssd"]
+    assert list(read[0]) == ["patient", "organ", "dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio"] + list(
+        metrics.FALSE_POSITIVE_SITES
+    )
     assert [row["patient"] for row in read] == ["1", "2"]
     assert float(read[0]["dice"]) == ROWS[0]["dice"] and math.isinf(float(read[1]["assd"]))
     assert [p.name for p in path.parent.iterdir()] == ["scores.csv"]
@@ -236,4 +238,6 @@ def test_checkpoint_scoring_reads_only_its_split_and_matches_the_runs_validation
     val_patients = {row["patient"] for row in rows}
     assert len(val_patients) == 1 and set(read) == val_patients  # no other patient prepared
     for organ, dice in summary["dice"].items():
-        assert float(next(r["dice"] for r in rows if r["organ"] == organ)) == pytest.approx(dice, abs=1e-6)
+        row = next(r for r in rows if r["organ"] == organ)
+        assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
+        assert float(row["volume_ratio"]) == pytest.approx(summary["volume_ratio"][organ], abs=1e-6)

@@ -70,3 +70,23 @@ def test_segment_series_keeps_the_series_order_and_size(segmenter, tiny_data):
 def test_segment_series_on_the_real_ct_sample(segmenter, ct_sample_dir):
     labels = segmenter.segment_series(ct_sample_dir / "DICOM_anon", modality="CT")
     assert labels.shape == (78, 512, 512) and labels.dtype == np.uint8
+
+
+def test_segment_volume_probabilities_on_the_native_grid(segmenter, tiny_data):
+    volume = chaos.load_case(chaos.find_cases(tiny_data[0])[0])
+    probs = segmenter.segment_volume(volume, probabilities=True)
+    assert probs.shape == volume.voxels.shape + (5,) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+
+
+def test_largest_component_setting_reaches_volume_results(segmenter, tiny_data, monkeypatch):
+    from scse_jax import postprocess
+
+    volume = chaos.load_case(chaos.find_cases(tiny_data[0])[0])
+    raw = Segmenter(segmenter.config, segmenter.variables, segmenter.class_names, largest_component=False)
+    cleaned = Segmenter(segmenter.config, segmenter.variables, segmenter.class_names, largest_component=True)
+    assert segmenter.largest_component is False  # the run's eval.largest_component
+    raw_labels = raw.segment_volume(volume)
+    np.testing.assert_array_equal(
+        cleaned.segment_volume(volume), postprocess.keep_largest_components(raw_labels, range(1, 5))
+    )

@@ -71,3 +71,30 @@ def test_perfect_prediction_has_near_zero_dice_loss():
     labels = jnp.array([[[0, 1], [2, 1]]])
     logits = 30.0 * jnp.eye(3)[labels]
     assert float(losses.soft_dice_loss(logits, labels)) < 1e-3
+
+
+def test_label_boundaries_mark_both_sides_of_an_edge_and_not_the_image_border():
+    labels = np.zeros((1, 4, 5), np.int32)
+    labels[0, :, 3:] = 2
+    boundary = np.asarray(losses.label_boundaries(jnp.asarray(labels)))
+    expected = np.zeros((1, 4, 5), np.float32)
+    expected[0, :, 2:4] = 1.0  # the columns on either side of the 0 | 2 edge
+    np.testing.assert_array_equal(boundary, expected)
+
+
+def test_boundary_weight_adds_its_multiple_of_the_largest_class_weight_at_edges():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(2, 5, 5))
+    weights = np.array([0.5, 2.0, 4.0], np.float32)
+    got = losses.weighted_cross_entropy(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights), boundary_weight=2.0
+    )
+    edges = np.asarray(losses.label_boundaries(jnp.asarray(labels)))
+    pixel_weights = weights[labels] + 2.0 * 4.0 * edges
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    true_log_prob = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    expected = -(pixel_weights * true_log_prob).sum() / pixel_weights.sum()
+    assert edges.sum() > 0
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)

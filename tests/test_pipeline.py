@@ -106,6 +106,20 @@ def test_class_weights_are_inverse_frequency_summing_to_num_classes():
     assert weights.sum() == pytest.approx(4.0)
 
 
+def test_median_frequency_weights_are_median_over_frequency():
+    # QuickNAT's class term: counts 10, 3, 1 of 14 -> frequencies f; weight median(f) / f_l.
+    labels = [np.array([[0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]), np.array([2, 0])]
+    weights = class_weights(labels, 4, "median_frequency")
+    np.testing.assert_allclose(weights, [3 / 10, 3 / 3, 3 / 1, 0.0], rtol=1e-6)
+
+
+def test_no_weighting_gives_present_classes_one():
+    labels = [np.array([0, 0, 0, 2])]
+    np.testing.assert_array_equal(class_weights(labels, 4, "none"), [1.0, 0.0, 1.0, 0.0])
+    with pytest.raises(ConfigError, match="class weighting"):
+        class_weights(labels, 4, "sqrt")
+
+
 def test_class_weights_reject_bad_labels():
     with pytest.raises(DataError, match="label values"):
         class_weights([np.array([0, 5])], 2)

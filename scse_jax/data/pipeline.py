@@ -92,25 +92,42 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)
 
 
-def class_weights(label_arrays: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
-    """Inverse class frequency weights, (num_classes,) float32.
+# How the cross entropy weighs each class's pixels (train.class_weighting).
+CLASS_WEIGHTINGS = ("inverse_frequency", "median_frequency", "none")
 
-    Weights of the classes present are proportional to 1 / frequency and sum to `num_classes`;
-    a class absent from the arrays gets weight 0 (it has no pixels to weigh).
-    """
+
+def class_weights(
+    label_arrays: Iterable[np.ndarray], num_classes: int, method: str = "inverse_frequency"
+) -> np.ndarray:
+    """Per-class cross-entropy weights of the pixels in `label_arrays`; see `weights_from_counts`."""
     counts = sum((class_counts(labels, num_classes) for labels in label_arrays), np.zeros(num_classes, np.int64))
-    return weights_from_counts(counts)
+    return weights_from_counts(counts, method)
 
 
-def weights_from_counts(counts: np.ndarray) -> np.ndarray:
-    """`class_weights` from per-class pixel counts."""
+def weights_from_counts(counts: np.ndarray, method: str = "inverse_frequency") -> np.ndarray:
+    """Class weights, (num_classes,) float32, from per-class pixel counts.
+
+    inverse_frequency (the report's): proportional to 1 / frequency, summing to num_classes.
+    median_frequency (QuickNAT's class term, Roy et al., NeuroImage 2019):
+      median(f) / f_l, f the frequencies of the classes present.
+    none: 1 for every class present.
+    A class absent from the counts gets weight 0 (it has no pixels to weigh).
+    """
+    if method not in CLASS_WEIGHTINGS:
+        raise ConfigError(f"class weighting must be one of {CLASS_WEIGHTINGS}, got {method!r}")
     counts = np.asarray(counts, np.int64)
     if counts.sum() == 0:
         raise DataError("no labelled pixels to compute class weights from")
     present = counts > 0
     weights = np.zeros(len(counts), np.float64)
-    weights[present] = counts.sum() / counts[present]
-    weights *= len(counts) / weights.sum()
+    if method == "none":
+        weights[present] = 1.0
+    elif method == "median_frequency":
+        frequencies = counts[present] / counts.sum()
+        weights[present] = np.median(frequencies) / frequencies
+    else:
+        weights[present] = counts.sum() / counts[present]
+        weights *= len(counts) / weights.sum()
     return weights.astype(np.float32)
 
 

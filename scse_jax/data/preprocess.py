@@ -174,6 +174,11 @@ def resize_to_native(label_slices: np.ndarray, native_rows_cols: tuple[int, int]
     return _resize(label_slices, native_rows_cols, order=0)
 
 
+def resize_to(array: np.ndarray, rows_cols: tuple[int, int], *, order: int) -> np.ndarray:
+    """Resizes (slices, rows, cols) to (slices, *rows_cols): order 1 bilinear float32, 0 nearest."""
+    return _resize(array, rows_cols, order)
+
+
 def _source_files(case: Case) -> tuple[Path, ...]:
     return tuple(case.image_files) + tuple(case.label_files)
 

@@ -1,0 +1,59 @@
+"""From a prediction on the training grid to the native-grid label map that is scored and written.
+
+Validation, ``evaluate --checkpoint``, ``predict`` and ``Segmenter`` all go through
+`to_native`, so a post-processing choice (``eval.largest_component``) means the same
+everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from scse_jax.data.preprocess import resize_to_native
+
+
+def keep_largest_components(labels: np.ndarray, class_ids: Iterable[int]) -> np.ndarray:
+    """Keeps, per class, only its largest 3-D connected component (face connectivity).
+
+    Each organ is one connected body: islands elsewhere are false positives, which CHAOS
+    entrants and nnU-Net remove the same way. Removed voxels become background (0).
+
+    Args:
+      labels: (slices, rows, cols) class ids.
+      class_ids: the classes to clean; others are left as they are.
+    """
+    labels = np.asarray(labels)
+    cleaned = labels.copy()
+    for class_id in class_ids:
+        components, count = ndimage.label(labels == class_id)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        cleaned[(components != 0) & (components != int(np.argmax(sizes)))] = 0
+    return cleaned
+
+
+def to_native(
+    grid_labels: np.ndarray, native_rows_cols: tuple[int, int], *, num_classes: int, largest_component: bool
+) -> np.ndarray:
+    """Class ids (slices, S, S) on the training grid -> (slices, rows, cols) on the native grid,
+    with each organ reduced to its largest connected component when ``largest_component``."""
+    native = resize_to_native(np.asarray(grid_labels).astype(np.uint8), native_rows_cols)
+    if largest_component:
+        native = keep_largest_components(native, range(1, num_classes))
+    return native
+
+
+def add_largest_component_flag(parser: argparse.ArgumentParser) -> None:
+    """--largest-component / --no-largest-component for the commands that write or score results."""
+    parser.add_argument(
+        "--largest-component",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep each organ's largest connected component (default: as the run's eval.largest_component)",
+    )

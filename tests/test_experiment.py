@@ -1,0 +1,98 @@
+"""The study runner: seeds, stopped runs left unscored, post-processing on and off, reports."""
+
+import csv
+import shutil
+
+import pytest
+
+from scse_jax import experiment, train
+from scse_jax.errors import ConfigError, RunStopped
+
+CONFIGS = ["configs/mr_unet.py", "configs/mr_scse.py"]
+
+
+@pytest.fixture
+def study_settings(tiny_data):
+    root, cache = tiny_data
+    return [
+        f"data.root={root}", f"data.cache_dir={cache}", "data.image_size=32", "model.features=4",
+        "train.batch_size=8", "eval.batch_size=8",
+    ]
+
+
+@pytest.fixture
+def fake_training(tiny_trained_run, monkeypatch):
+    """Training replaced by a copy of a finished tiny run; records which workdirs it 'trained'."""
+    trained = []
+
+    def train_and_evaluate(config, workdir):
+        trained.append((workdir.relative_to(workdir.parents[2]).as_posix(), config.train.seed, config.data.fold))
+        shutil.copytree(tiny_trained_run[0], workdir, dirs_exist_ok=True)
+        return {}
+
+    monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
+    return trained
+
+
+def test_a_stopped_run_is_not_scored_and_the_next_call_resumes_it(tmp_path, study_settings, fake_training, monkeypatch):
+    real_training = train.train_and_evaluate
+
+    def stopped(config, workdir):
+        raise RunStopped("SIGTERM received: saved step 3")
+
+    monkeypatch.setattr(train, "train_and_evaluate", stopped)
+    code = experiment.main(["--config", CONFIGS[0], "--out", str(tmp_path), "--folds", "4", *sum(
+        (["--set", s] for s in study_settings), [])])
+    assert code == 1
+    assert not list(tmp_path.rglob("test_scores.csv")) and not (tmp_path / "results.md").exists()
+
+    monkeypatch.setattr(train, "train_and_evaluate", real_training)  # the fake that finishes
+    rows = experiment.run_fold(experiment.load_study_configs(CONFIGS[:1], study_settings, 4)["mr_unet"],
+                               tmp_path / "mr_unet" / "seed0" / "fold0")
+    assert fake_training == [("mr_unet/seed0/fold0", 0, 0)]
+    assert {row["postprocess"] for row in rows} == set(experiment.POSTPROCESSING)
+    assert all("volume_ratio" in row for row in rows)
+
+
+def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study_settings, fake_training):
+    experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0], overrides=study_settings)
+    fake_training.clear()
+    partial = experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0, 1], overrides=study_settings, report_only=True)
+    assert fake_training == []
+    assert "(partial)" in partial and "4 of 8 runs not finished" in partial
+
+    text = experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0, 1], overrides=study_settings)
+    assert sorted(fake_training) == sorted(
+        (f"{name}/seed1/fold{fold}", 1, fold) for name in ("mr_unet", "mr_scse") for fold in range(2)
+    )
+    with (tmp_path / "results.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    # Every fake run is the same copied run, testing the same patients.
+    patients = {row["patient"] for row in rows}
+    # 2 models x 2 seeds x 2 folds x (patients x 4 organs) x 2 post-processings
+    assert len(rows) == 2 * 2 * 2 * len(patients) * 4 * 2
+    assert "(partial)" not in text and "seed 0" in text and "seed 1" in text
+    assert f'"pairs": {2 * len(patients)}' in text  # every (patient, seed)
+    assert (tmp_path / "loss_curves.png").exists() and list((tmp_path / "overlays").glob("*.png"))
+
+
+def test_paired_comparison_pairs_patients_and_seeds():
+    def rows(values):
+        return [
+            {"patient": p, "seed": s, "organ": "liver", "dice": v} for (p, s), v in values.items()
+        ]
+
+    a = rows({("1", 0): 0.5, ("1", 1): 0.6, ("2", 0): 0.7, ("2", 1): 0.7, ("3", 0): 0.4, ("3", 1): 0.5})
+    b = rows({("1", 0): 0.6, ("1", 1): 0.7, ("2", 0): 0.7, ("2", 1): 0.9, ("3", 0): 0.5, ("3", 1): 0.4})
+    result = experiment.paired_comparison(a, b)
+    assert result["pairs"] == 6 and result["patients"] == 3 and result["b_better"] == 4
+    assert result["mean_difference"] == pytest.approx(0.4 / 6)
+    assert 0 < result["wilcoxon_p"] <= 1 and 0 < result["patient_means_wilcoxon_p"] <= 1
+    assert experiment.seed_means(b) == pytest.approx({0: 0.6, 1: 2.0 / 3})
+
+
+def test_bad_seeds_and_folds_are_one_line_errors(tmp_path, capsys):
+    assert experiment.main(["--config", CONFIGS[0], "--out", str(tmp_path), "--seeds", "0,x"]) == 1
+    assert "--seeds" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--folds"):
+        experiment.load_study_configs(CONFIGS[:1], [], 0)
