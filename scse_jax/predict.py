@@ -8,8 +8,10 @@ PNG output is one 8-bit PNG per slice, named after its DICOM file, in the series
 the CHAOS gray values (liver 63, right kidney 126, left kidney 189, spleen 252). For a CHAOS
 tree each case goes to ``<output>/<modality>/<patient>/[<sequence>/]Results/``, mirroring the
 data's own layout; T1-DUAL out-phase results go to ``T1DUAL/Results_OutPhase``. Existing
-files are never overwritten without ``--force``; each volume is written into a temporary
-folder and renamed into place when complete.
+files are never overwritten without ``--force``, and ``--force`` replaces only what this
+command wrote before: every results folder it writes holds a marker file (`RESULTS_MARKER`),
+and a folder without one (the user's own, the input series) is never replaced or deleted.
+Each volume is written into a temporary folder and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from scse_jax.errors import ScseError
+from scse_jax.postprocess import add_largest_component_flag
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# In every results folder this command writes: proof that --force may replace the folder.
+RESULTS_MARKER = ".scse_jax_results"
 
 
 def safe_name(name: str) -> str:
@@ -102,6 +107,18 @@ def _jobs(input_path: Path, output: Path, modality: str, sequences: tuple[str, .
     ]
 
 
+def _check_replaceable(folder: Path, *, nifti: bool, force: bool) -> None:
+    """Refuses a folder holding files this command did not write, and results of its own
+    without --force."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not (folder / RESULTS_MARKER).exists():
+        raise ScseError(f"{folder} holds files this command did not write; choose another --output")
+    target = folder / "segmentation.nii.gz" if nifti else folder
+    if target.exists() and not force:
+        raise ScseError(f"{target} exists; pass --force to overwrite it")
+
+
 def run(args: argparse.Namespace) -> int:
     from scse_jax.data import dicom
     from scse_jax.data.types import Volume
@@ -110,12 +127,10 @@ def run(args: argparse.Namespace) -> int:
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise ScseError(f"--input {input_path} does not exist")
-    segmenter = Segmenter.from_checkpoint(args.checkpoint, which=args.which)
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, which=args.which, largest_component=args.largest_component)
     jobs = _jobs(input_path, output, segmenter.config.data.modality, tuple(segmenter.config.data.sequences))
     for _, files, folder in jobs:
-        target = folder / "segmentation.nii.gz" if args.format == "nifti" else folder
-        if target.exists() and any(target.iterdir() if target.is_dir() else [target]) and not args.force:
-            raise ScseError(f"{target} exists; pass --force to overwrite it")
+        _check_replaceable(folder, nifti=args.format == "nifti", force=args.force)
     output.mkdir(parents=True, exist_ok=True)
     for index, (description, files, folder) in enumerate(jobs, 1):
         start = time.perf_counter()
@@ -126,12 +141,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.format == "png":
                 write_png_series(labels, [Path(f).stem for f in files], staging)
-                if folder.exists():
-                    shutil.rmtree(folder)
+                (staging / RESULTS_MARKER).touch()
+                if folder.exists():  # checked above: empty, or results of ours
+                    shutil.rmtree(folder) if (folder / RESULTS_MARKER).exists() else folder.rmdir()
                 staging.rename(folder)
                 where = folder
             else:
                 folder.mkdir(parents=True, exist_ok=True)
+                (folder / RESULTS_MARKER).touch()
                 write_nifti(labels, geometry.index_to_patient, staging / "segmentation.nii.gz")
                 (staging / "segmentation.nii.gz").replace(folder / "segmentation.nii.gz")
                 where = folder / "segmentation.nii.gz"
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--which", default="latest", help="latest, best, or a step number")
     parser.add_argument("--tta", action="store_true", help="average over small shifts (test-time augmentation)")
     parser.add_argument("--force", action="store_true", help="overwrite existing results")
+    add_largest_component_flag(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)

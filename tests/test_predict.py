@@ -1,5 +1,6 @@
 """The predict command: CHAOS submission PNGs, NIfTI with the DICOM geometry, no overwriting."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,35 @@ def test_existing_results_are_not_overwritten_without_force(png_output, tiny_tra
     assert predict.main(args + ["--force"]) == 0
     assert some.read_bytes() != b"keep me"
     assert not list(png_output.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("output_is_input", [False, True])
+def test_force_never_replaces_a_folder_it_did_not_write(tiny_trained_run, tiny_data, tmp_path, capsys, output_is_input):
+    series = next(p.parent for p in sorted(tiny_data[0].rglob("*.dcm")))
+    if output_is_input:  # the DICOM folder itself given as --output
+        copy = tmp_path / "series"
+        shutil.copytree(series, copy)
+        series = output = copy
+    else:
+        output = tmp_path / "mine"
+        output.mkdir()
+        (output / "notes.txt").write_text("the user's own")
+    before = sorted(p.name for p in output.iterdir())
+    for fmt in ("png", "nifti"):
+        args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(series), "--output", str(output)]
+        assert predict.main(args + ["--format", fmt, "--force"]) == 1
+        assert "did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == before
+
+
+def test_force_replaces_a_single_series_result_it_wrote(tiny_trained_run, tiny_data, tmp_path):
+    series = next(p.parent for p in sorted(tiny_data[0].rglob("*.dcm")))
+    args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(series), "--output", str(tmp_path / "out")]
+    assert predict.main(args) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert predict.main(args) == 1
+    assert predict.main(args + ["--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == written
 
 
 def test_single_series_to_nifti_carries_the_dicom_geometry(tiny_trained_run, tiny_data, tmp_path):
