@@ -1,4 +1,5 @@
-"""Command line for the data: `python -m scse_jax.data info PATH [--json]` and `... synth OUT`.
+"""Command line for the data: `python -m scse_jax.data info PATH [--json]`, `... synth OUT` and
+`... download DIR [--sets train,test] [--url-base URL]` (the real CHAOS data, see download.py).
 
 Errors print one line (`error: ...`) on stderr: exit code 2 for usage, 1 for bad data.
 """
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scse_jax.data import chaos
+from scse_jax.data import chaos, download
 from scse_jax.data.types import SEQUENCES
 from scse_jax.errors import ConfigError, ScseError
 
@@ -41,7 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--slices", type=int, default=14)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--modalities", nargs="+", choices=("CT", "MR"), default=["CT", "MR"])
+    fetch = commands.add_parser(
+        "download", help="download, verify and unpack the CHAOS data (Zenodo record 3431873)"
+    )
+    fetch.add_argument("dir", type=Path, metavar="DIR", help="folder to unpack into (created if missing)")
+    fetch.add_argument(
+        "--sets", type=_set_names, default=("train", "test"), metavar="train,test",
+        help=f"comma-separated, some of {','.join(download.ARCHIVES)} (default: all)",
+    )
+    fetch.add_argument(
+        "--url-base", default=download.DEFAULT_URL_BASE, metavar="URL",
+        help="folder URL holding the same zips (a mirror); default: the Zenodo record",
+    )
     return parser
+
+
+def _set_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in download.ARCHIVES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated list of {', '.join(download.ARCHIVES)}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def describe_cases(path: Path, sequences: Sequence[str] | None = None) -> list[dict]:
@@ -82,6 +106,33 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines + [f"{len(records)} case(s)"])
 
 
+def run_download(directory: Path, sets: Sequence[str], url_base: str) -> None:
+    """Downloads the sets, then prints each one's `info` table and the commands that use it."""
+    roots = download.download(directory, sets, url_base=url_base)
+    for set_name, root in roots:
+        print(f"{set_name}: {root}")
+        print(format_table(describe_cases(root)))
+    print(next_steps(dict(roots)))
+
+
+def next_steps(roots: dict[str, Path]) -> str:
+    """The commands that train on the downloaded training set and segment its test set."""
+    lines = []
+    if "train" in roots:
+        lines += [
+            "train on it (the CPU recipe; configs/mr_scse.py is the report's):",
+            f"  python launch.py --config configs/mr_scse_cpu.py --config.data.root={shlex.quote(str(roots['train']))}"
+            " --workdir runs/mr_scse_cpu",
+        ]
+    if "test" in roots:
+        lines += [
+            "write CHAOS submission PNGs for the test set with a trained run:",
+            "  python -m scse_jax.predict --checkpoint runs/mr_scse_cpu"
+            f" --input {shlex.quote(str(roots['test']))} --output submission",
+        ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -92,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             records = describe_cases(args.path, args.sequences)
             print(json.dumps(records, indent=1) if args.json else format_table(records))
+        elif args.command == "download":
+            run_download(args.dir, args.sets, args.url_base)
         else:
             from scse_jax.data import synthetic  # scipy is slow to import and `info` does not need it
 
@@ -110,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScseError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return DATA_ERROR
+    except KeyboardInterrupt:
+        resume = "; the same command resumes the download" if args.command == "download" else ""
+        print(f"error: interrupted{resume}", file=sys.stderr)
+        return 130
     return 0
 
 
