@@ -2,8 +2,9 @@
 
 A checkpoint is one orbax step folder under ``<workdir>/checkpoints`` with two items:
 ``state`` (the TrainState pytree) and ``meta`` (JSON: the run's config, the epoch and step,
-partial-epoch loss sums and the validation score). orbax writes into a temporary folder and
-renames it when complete, so a save killed midway never leaves a step that ``latest_step``
+partial-epoch loss sums, the validation score, and a SHA-256 of each process's copy of the
+state, which must be equal, as only one copy is written). orbax writes into a temporary folder
+and renames it when complete, so a save killed midway never leaves a step that ``latest_step``
 reports. The latest ``keep_latest`` checkpoints are kept, plus the best by validation Dice.
 """
 
@@ -16,11 +17,13 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from scse_jax import sharding
 from scse_jax.errors import CheckpointError
 
 STATE = "state"
 META = "meta"
 BEST_METRIC = "val_dice"
+STATE_DIGESTS = "state_digests"
 
 
 def checkpoint_dir(workdir_or_checkpoint_dir: str | Path) -> Path:
@@ -72,7 +75,14 @@ class Checkpoints:
         return max(scored)[1] if scored else None
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Saves and waits until the checkpoint is complete on disk."""
+        """Saves and waits until the checkpoint is complete on disk; every process must call it."""
+        digests = sharding.process_digests(state)
+        if len(set(digests)) > 1:
+            raise CheckpointError(
+                f"not saving checkpoint {step}: the processes' copies of the training state differ "
+                f"(SHA-256 {', '.join(digest[:12] for digest in digests)})"
+            )
+        meta = {**meta, STATE_DIGESTS: digests}
         metrics = {BEST_METRIC: meta[BEST_METRIC]} if meta.get(BEST_METRIC) is not None else None
         try:
             self._manager.save(

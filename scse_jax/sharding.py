@@ -1,4 +1,5 @@
-"""Multi-host start-up, the 1-D data mesh, and host batches -> globally sharded device arrays.
+"""Multi-host start-up and failure, the 1-D data mesh, and host batches -> globally sharded
+device arrays.
 
 Data parallelism only: parameters are replicated, batches are split along their first axis
 over the mesh axis "data", which spans every device of every process.
@@ -6,7 +7,14 @@ over the mesh axis "data", which spans every device of every process.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import signal
+import subprocess
+import sys
+import threading
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -68,12 +76,7 @@ def initialize_distributed(
     multi-process launcher (SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS) is seen.
     Calling it again once initialised does nothing. Must run before any other JAX call.
     """
-    if jax.distributed.is_initialized():
-        return
-    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
-    if explicit and num_processes == 1:
-        return
-    if not explicit and _cluster_environment() is None:
+    if jax.distributed.is_initialized() or not _starts_processes(coordinator_address, num_processes, process_id):
         return
     # Cross-process collectives on the CPU backend need gloo; accelerators ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -81,6 +84,45 @@ def initialize_distributed(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except RuntimeError as error:
         raise ConfigError(f"cannot start multi-process JAX: {error}") from error
+
+
+def _starts_processes(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> bool:
+    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    if explicit:
+        return num_processes != 1
+    return _cluster_environment() is not None
+
+
+def is_multi_process(distributed) -> bool:
+    """Whether a run with this `config.distributed` starts jax.distributed (as train does)."""
+    return _starts_processes(
+        distributed.coordinator_address or None,
+        distributed.num_processes or None,
+        None if distributed.process_id < 0 else distributed.process_id,
+    )
+
+
+def on_every_process(flag: bool) -> bool:
+    """True where `flag` is True on every process of the run; every process must call it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def process_digests(tree) -> list[str]:
+    """SHA-256 of each process's copy of a replicated pytree, in process order (equal digests:
+    equal copies); every process must call it."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        digest.update(np.ascontiguousarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf).tobytes())
+    if jax.process_count() == 1:
+        return [digest.hexdigest()]
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.frombuffer(digest.digest(), np.uint8))
+    return [bytes(row).hex() for row in np.asarray(gathered)]
 
 
 def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -139,3 +181,92 @@ def device_batches(
 ) -> Iterator[dict[str, jax.Array]]:
     """Shards host batches in a background thread, keeping `prefetch_size` ready on device."""
     return prefetch((shard_batch(batch, mesh) for batch in iterator), size=prefetch_size)
+
+
+# When one process of a multi-process run dies, JAX ends the others: their next collective
+# fails, or its C++ runtime aborts them with a native stack trace that Python cannot catch (at
+# once where the dead process hosted the coordination service, else after a missed heartbeat).
+# A process that fails in Python meets, at exit, jax.distributed's shutdown barrier, which
+# waits for peers that may never come and then aborts as well. Hence every process of a
+# multi-process launch works in a child of a small parent that turns an abort into one line,
+# and a failing child leaves at once.
+
+_RESUME_HINT = "Start every process again with the same command to resume from the latest checkpoint, if any."
+_PARENT_PIPE = "SCSE_JAX_PARENT_PIPE"  # the child's end of a pipe that closes when the parent dies
+_PEER_LOSS_MARKERS = ("gloo", "connection", "coordination", "barrier", "heartbeat")
+
+
+def is_supervised() -> bool:
+    """Whether this process is the working child of `supervise`."""
+    return _PARENT_PIPE in os.environ
+
+
+def supervise(command: Sequence[str]) -> int:
+    """Runs `command` (this launch again) as a child process; returns the status to exit with.
+
+    SIGTERM is passed on to the child; SIGINT, which a terminal sends to both, is left to it.
+    """
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen(command, pass_fds=(read_end,), env={**os.environ, _PARENT_PIPE: str(read_end)})
+    os.close(read_end)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(write_end)
+    if code >= 0:
+        return code
+    if -code == signal.SIGABRT:
+        reason = "JAX's distributed runtime aborted it, most likely because another process of the run stopped"
+    else:
+        reason = f"it was killed by {signal.Signals(-code).name}"
+    print(f"error: this process of the run ended abnormally ({reason}). {_RESUME_HINT}", file=sys.stderr, flush=True)
+    return 1
+
+
+def stop_with_parent() -> None:
+    """In the child of `supervise`: ends this process as soon as its parent is gone (killed),
+    so that killing a launch stops its work, and with it the run's other processes."""
+    read_end = int(os.environ[_PARENT_PIPE])
+
+    def watch() -> None:
+        os.read(read_end, 1)  # returns (empty) once the parent's end is closed
+        print("error: the launching process is gone: stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def exit_at_once_on_failure() -> Iterator[None]:
+    """Ends a failing process of a multi-process run at once (no shutdown barrier): its peers'
+    collectives then fail and they stop too. The loss of a peer is told in one line."""
+    try:
+        yield
+    except SystemExit as request:
+        if not request.code or not jax.distributed.is_initialized():
+            raise
+        if not isinstance(request.code, int):
+            print(request.code, file=sys.stderr)  # what SystemExit would have printed
+            _exit_now(1)
+        _exit_now(request.code)
+    except Exception as error:
+        if not jax.distributed.is_initialized():
+            raise
+        if any(marker in str(error).lower() for marker in _PEER_LOSS_MARKERS):
+            line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"error: lost contact with another process of the run ({line}). {_RESUME_HINT}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -38,9 +38,11 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     return env
 
 
-def launch_args(workdir: Path, data_root: Path, cache_dir: Path, *overrides: str) -> list[str]:
+def launch_args(
+    workdir: Path, data_root: Path, cache_dir: Path, *overrides: str, config: str = "configs/default.py"
+) -> list[str]:
     return [
-        sys.executable, "launch.py", "--config", "configs/default.py", f"--workdir={workdir}",
+        sys.executable, "launch.py", "--config", config, f"--workdir={workdir}",
         f"--config.data.root={data_root}", f"--config.data.cache_dir={cache_dir}",
         "--config.data.image_size=32", "--config.data.num_folds=4", "--config.model.features=4",
         "--config.train.batch_size=8", "--config.eval.batch_size=8", "--config.train.log_every_steps=1",
@@ -70,15 +72,17 @@ class Run:
         for line in stream:
             lines.append(line.rstrip("\n"))
 
-    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 180.0) -> None:
-        """Polls ``condition`` every millisecond or so; fails if the run ends or time runs out first."""
+    def wait_until(
+        self, condition: Callable[[], bool], what: str, timeout: float = 180.0, interval: float = 0.001
+    ) -> None:
+        """Polls ``condition`` every ``interval`` seconds or so; fails if the run ends or time runs out first."""
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 self.finish()
                 raise AssertionError(f"never saw {what}; exit {self.process.returncode}\n{self.output}")
-            time.sleep(0.001)
+            time.sleep(interval)
 
     def saw_line(self, text: str) -> bool:
         return any(text in line for line in list(self.stdout))
