@@ -66,6 +66,10 @@ def kill_when(victim: Run, survivor: Run, text: str) -> dict:
     return {"code": code, "seconds": time.monotonic() - killed, "stderr": survivor.stderr, "run": survivor}
 
 
+def val_records(workdir) -> list[dict]:
+    return [record for record in read_metrics(workdir) if record["split"] == "val"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
@@ -91,11 +95,9 @@ def runs(tmp_path_factory):
         print(f"process {process_id}: {run.stdout[-1]!r}")
     print(f"process 0 after process 1 was killed ({lost_1['seconds']:.1f} s): {lost_1['stderr'][-1]!r}")
     print(f"process 1 after process 0 was killed ({lost_0['seconds']:.1f} s): {lost_0['stderr'][-1]!r}")
+    for multi, single in zip(val_records(workdir), val_records(root / "one" / "run")):
+        print(f"epoch {multi['epoch']} validation Dice: two processes {multi['dice_mean']!r}, one {single['dice_mean']!r}")
     return {"reference": root / "one" / "run", "workdir": workdir, "final": final, "lost_1": lost_1, "lost_0": lost_0}
-
-
-def val_records(workdir) -> list[dict]:
-    return [record for record in read_metrics(workdir) if record["split"] == "val"]
 
 
 @pytest.mark.slow
