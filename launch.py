@@ -21,8 +21,8 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    from scse_jax import train
-    from scse_jax.errors import ScseError
+    from scse_jax import sharding
+    from scse_jax.errors import RunStopped, ScseError
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
@@ -31,14 +31,20 @@ def main(argv):
         config.keys()  # ml_collections defers a config file's load error to the first use
     except OSError as error:
         _config_file_error(error)
+    if sharding.is_supervised():
+        sharding.stop_with_parent()
+    elif sharding.is_multi_process(config.distributed):
+        sys.exit(sharding.supervise([sys.executable, *sys.orig_argv[1:]]))
+    from scse_jax import train
+
     use_compilation_cache(config)
     try:
         if _CPU_DEVICES.value:
-            from scse_jax import sharding
-
             sharding.use_cpu_devices(_CPU_DEVICES.value)
         workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         train.train_and_evaluate(config, workdir)
+    except RunStopped as stopped:  # asked for: the checkpoint is saved
+        print(stopped, flush=True)
     except ScseError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         sys.exit(1)
@@ -81,5 +87,13 @@ def _config_file_error(error: OSError) -> None:
     sys.exit(2)
 
 
+def run(argv):
+    """main, in a multi-process run ended at once when it fails (see sharding)."""
+    from scse_jax import sharding
+
+    with sharding.exit_at_once_on_failure():
+        main(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(run, flags_parser=parse_flags)

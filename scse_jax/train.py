@@ -24,11 +24,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from scse_jax import checkpoint, losses, metrics, sharding
+from scse_jax import checkpoint, losses, postprocess, sharding
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import CLASS_NAMES
-from scse_jax.errors import CheckpointError, ConfigError, TrainingError
+from scse_jax.errors import CheckpointError, ConfigError, RunStopped, TrainingError
 from scse_jax.data.run_data import RunData, StreamedRunData, plan_run_data
 from scse_jax.models.unet import UNet
 from scse_jax.run_log import RunLog, progress_line
@@ -127,6 +127,7 @@ def train_step(
     tx: optax.GradientTransformation,
     ce_weight: float,
     dice_weight: float,
+    boundary_weight: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on a global batch; BatchNorm statistics are over the global batch.
 
@@ -141,7 +142,12 @@ def train_step(
             mutable=["batch_stats"],
         )
         loss, parts = losses.segmentation_loss(
-            logits, batch["label"], class_weights, ce_weight=ce_weight, dice_weight=dice_weight
+            logits,
+            batch["label"],
+            class_weights,
+            ce_weight=ce_weight,
+            dice_weight=dice_weight,
+            boundary_weight=boundary_weight,
         )
         return loss, (parts, updates["batch_stats"])
 
@@ -160,6 +166,7 @@ def eval_step(
     model: UNet,
     ce_weight: float,
     dice_weight: float,
+    boundary_weight: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eval-mode prediction (class ids) and the loss over the batch's valid examples."""
     logits = model.apply(variables, batch["image"], train=False)
@@ -169,6 +176,7 @@ def eval_step(
         class_weights,
         ce_weight=ce_weight,
         dice_weight=dice_weight,
+        boundary_weight=boundary_weight,
         example_mask=batch["valid"],
     )
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), parts
@@ -195,12 +203,19 @@ def step_compiler_options() -> dict[str, Any] | None:
     return {"xla_backend_optimization_level": 1}
 
 
+def loss_settings(train_config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The loss's static weights, as the steps take them."""
+    return {
+        "ce_weight": train_config.ce_weight,
+        "dice_weight": train_config.dice_weight,
+        "boundary_weight": train_config.get("boundary_weight", 0.0),
+    }
+
+
 def jit_train_step(model, tx, train_config, mesh):
     replicated = sharding.replicated_sharding(mesh)
     return jax.jit(
-        functools.partial(
-            train_step, model=model, tx=tx, ce_weight=train_config.ce_weight, dice_weight=train_config.dice_weight
-        ),
+        functools.partial(train_step, model=model, tx=tx, **loss_settings(train_config)),
         in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -228,7 +243,10 @@ STEP_MEMORY_SHARE = 0.75
 
 def memory_budget_bytes(device: jax.Device) -> int | None:
     """What one device's program may use: the accelerator's limit, or the host's memory shared
-    by its CPU devices (None where unknown)."""
+    by its CPU devices (None where unknown). `device` must be one of this process's own: no
+    process can ask about another's."""
+    if device.process_index != jax.process_index():
+        raise ValueError(f"{device} belongs to process {device.process_index}, not this one ({jax.process_index()})")
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
@@ -242,21 +260,24 @@ def memory_budget_bytes(device: jax.Device) -> int | None:
 
 
 def step_fits_in_memory(compiled, device: jax.Device) -> tuple[bool, float]:
-    """Whether a compiled step's temporaries fit in STEP_MEMORY_SHARE of the device's budget;
-    also the temporaries in GiB."""
+    """Whether a compiled step's temporaries fit in STEP_MEMORY_SHARE of the budget of `device`
+    (one of this process's own) and of every other process's; also the temporaries in GiB.
+
+    Every process must answer alike: they all have to run the same program.
+    """
     analysis = compiled.memory_analysis()
     budget = memory_budget_bytes(device)
     if analysis is None or budget is None:
-        return True, math.nan
-    return analysis.temp_size_in_bytes <= STEP_MEMORY_SHARE * budget, analysis.temp_size_in_bytes / 2**30
+        fits, temp_gib = True, math.nan
+    else:
+        fits, temp_gib = analysis.temp_size_in_bytes <= STEP_MEMORY_SHARE * budget, analysis.temp_size_in_bytes / 2**30
+    return sharding.on_every_process(fits), temp_gib
 
 
 def jit_eval_step(model, train_config, mesh):
     replicated = sharding.replicated_sharding(mesh)
     return jax.jit(
-        functools.partial(
-            eval_step, model=model, ce_weight=train_config.ce_weight, dice_weight=train_config.dice_weight
-        ),
+        functools.partial(eval_step, model=model, **loss_settings(train_config)),
         in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(sharding.batch_sharding(mesh), replicated),
         compiler_options=step_compiler_options(),
@@ -301,13 +322,15 @@ def evaluate_cases(
     batch_size: int,
     mesh: jax.sharding.Mesh,
     class_names: tuple[str, ...],
+    largest_component: bool,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Predicts whole patients, maps predictions to the native grid and scores them there.
+    """Predicts whole patients, maps predictions to the native grid (`postprocess.to_native`)
+    and scores them there.
 
-    Returns the mean loss parts, one row per (case, organ) with the CHAOS metrics, and the
-    native-grid predictions by case key.
+    Returns the mean loss parts, one row per (case, organ) with the CHAOS metrics and the
+    volume analysis, and the native-grid predictions by case key.
     """
-    from scse_jax.data.preprocess import resize_to_native
+    from scse_jax import evaluate
 
     loss_sums: dict[str, float] = {}
     loss_count = 0.0
@@ -328,21 +351,25 @@ def evaluate_cases(
                 loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * valid
             loss_count += valid
             pieces.append(gather_to_host(predicted)[: int(valid)])
-        native = resize_to_native(np.concatenate(pieces).astype(np.uint8), case.native_shape[1:])
+        native = postprocess.to_native(
+            np.concatenate(pieces),
+            case.native_shape[1:],
+            num_classes=len(class_names),
+            largest_component=largest_component,
+        )
         predictions[case.case_key] = native
-        scores = metrics.score_volume(native, case.native_labels, case.geometry, class_ids=range(1, len(class_names)))
-        for class_id, values in scores.items():
-            rows.append({"case": case.case_key, "patient": case.patient, "organ": class_names[class_id], **values})
+        rows += [{"case": case.case_key, **row} for row in evaluate.score_prediction(native, case, class_names)]
     mean_losses = {name: total / max(loss_count, 1.0) for name, total in loss_sums.items()}
     return mean_losses, rows, predictions
 
 
 def summarise_rows(rows: list[dict[str, Any]], class_names: tuple[str, ...]) -> dict[str, Any]:
-    """Per-organ means of Dice and Jaccard over cases, and their mean over organs."""
-    summary: dict[str, Any] = {"dice": {}, "jaccard": {}}
+    """Per-organ means of Dice, Jaccard and predicted / true volume over cases; the means of
+    Dice and Jaccard over organs."""
+    summary: dict[str, Any] = {"dice": {}, "jaccard": {}, "volume_ratio": {}}
     for organ in class_names[1:]:
         organ_rows = [row for row in rows if row["organ"] == organ]
-        for metric in ("dice", "jaccard"):
+        for metric in summary:
             summary[metric][organ] = float(np.mean([row[metric] for row in organ_rows])) if organ_rows else math.nan
     summary["dice_mean"] = float(np.nanmean(list(summary["dice"].values())))
     summary["jaccard_mean"] = float(np.nanmean(list(summary["jaccard"].values())))
@@ -386,6 +413,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         )
     need(config.train.learning_rate > 0, "train.learning_rate", "must be > 0")
     need(config.train.decay_epochs > 0, "train.decay_epochs", "must be > 0")
+    need(
+        config.train.class_weighting in pipeline.CLASS_WEIGHTINGS,
+        "train.class_weighting",
+        f"{config.train.class_weighting!r} is not one of {'|'.join(pipeline.CLASS_WEIGHTINGS)}",
+    )
+    need(config.train.boundary_weight >= 0, "train.boundary_weight", "must be >= 0")
     need(config.data.modality in ("CT", "MR"), "data.modality", f"{config.data.modality!r} is not 'CT' or 'MR'")
     need(config.model.se in ("none", "cse", "sse", "scse"), "model.se", f"{config.model.se!r} is not none|cse|sse|scse")
     need(
@@ -463,7 +496,8 @@ def _jsonable(value):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains (or resumes) one run in ``workdir`` and validates it every epoch.
 
-    Returns the final validation summary (per-organ Dice and Jaccard and their means).
+    Returns the final validation summary (per-organ Dice and Jaccard and their means). Raises
+    RunStopped after saving when SIGTERM/SIGINT arrives before the last epoch is done.
     """
     workdir = Path(workdir).expanduser()
     sharding.initialize_distributed(
@@ -512,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     train_fn = jit_train_step(model, tx, config.train, mesh)
     compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
-    fits, temp_gib = step_fits_in_memory(compiled, mesh.devices.flat[0])
+    fits, temp_gib = step_fits_in_memory(compiled, mesh.local_devices[0])
     if model.fast_kernel_gradient and not fits:
         print(
             f"The train step's fast kernel gradient needs {temp_gib:.1f} GiB of temporaries per device, more "
@@ -605,7 +639,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             # checkpoint), so that its records are never half written.
             if stop.signal_name and step % steps_per_epoch:
                 ckpts.save(step, state, meta_for(step, None, partial))
-                return _stopped(stop.signal_name, step, ckpts, log, workdir, summary)
+                raise _stopped(stop.signal_name, step, ckpts, log, workdir)
 
             epoch_number = epoch + 1
             train_record = {
@@ -625,19 +659,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 val_losses, rows, val_predictions = evaluate_cases(
                     eval_fn, state.variables(), data.val, class_weights,
                     batch_size=config.eval.batch_size, mesh=mesh, class_names=class_names,
+                    largest_component=config.eval.largest_component,
                 )
                 summary = summarise_rows(rows, class_names)
                 val_dice = summary["dice_mean"]
                 log.record("val", epoch_number, step, {**val_losses, **summary})
                 print(f"epoch {epoch_number} validation: dice {val_dice:.3f} "
-                      + " ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items()), flush=True)
+                      + " ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items())
+                      + "; predicted/true volume "
+                      + " ".join(f"{k} {v:.2f}" for k, v in summary["volume_ratio"].items()), flush=True)
             saved = epoch_number % config.checkpoint.every_epochs == 0 or epoch_number == config.train.num_epochs
             if saved:
                 ckpts.save(step, state, meta_for(step, val_dice, partial))
             if stop.signal_name and epoch_number < config.train.num_epochs:
                 if not saved:
                     ckpts.save(step, state, meta_for(step, val_dice, partial))
-                return _stopped(stop.signal_name, step, ckpts, log, workdir, summary)
+                raise _stopped(stop.signal_name, step, ckpts, log, workdir)
 
     ckpts.close()
     data = streamed.result()
@@ -645,6 +682,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         _, rows, val_predictions = evaluate_cases(
             eval_fn, state.variables(), data.val, class_weights,
             batch_size=config.eval.batch_size, mesh=mesh, class_names=class_names,
+            largest_component=config.eval.largest_component,
         )
         summary = summarise_rows(rows, class_names)
     if is_chief:
@@ -661,18 +699,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return summary or {}
 
 
-def _stopped(
-    signal_name: str, step: int, ckpts: checkpoint.Checkpoints, log: RunLog, workdir: Path, summary: dict | None
-) -> dict[str, Any]:
-    """Closes the run after a SIGTERM/SIGINT whose checkpoint is saved; says how to resume."""
-    print(
-        f"{signal_name} received: saved step {step} in {ckpts.directory}. Resume with the same "
-        f"command and --workdir={workdir}",
-        flush=True,
-    )
+def _stopped(signal_name: str, step: int, ckpts: checkpoint.Checkpoints, log: RunLog, workdir: Path) -> RunStopped:
+    """Closes the run after a SIGTERM/SIGINT whose checkpoint is saved; the error says how to resume."""
     log.close()
     ckpts.close()
-    return summary or {}
+    return RunStopped(
+        f"{signal_name} received: saved step {step} in {ckpts.directory}. Resume with the same "
+        f"command and --workdir={workdir}"
+    )
 
 
 def _absorb_losses(step_losses: list[tuple[int, dict[str, jax.Array]]], partial: dict[str, Any]) -> None:
