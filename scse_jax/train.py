@@ -46,9 +46,13 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-# Fields a resumed run must share with its checkpoint: the network and what it was fed.
+# Fields a resumed run must share with its checkpoint: the network, what it was fed, and which
+# patients it trained on (another split would train on the new split's test patients).
 MODEL_FIELDS = ("features", "se", "se_reduction", "se_aggregation", "se_positions", "upsample")
-DATA_FIELDS = ("modality", "sequences", "image_size")
+DATA_FIELDS = (
+    "root", "modality", "sequences", "image_size", "num_folds", "fold", "num_val_patients", "split_seed",
+    "max_patients", "synthetic_patients", "synthetic_size", "synthetic_slices",
+)
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
@@ -474,17 +478,23 @@ def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_model_matches(meta: dict[str, Any], config: ml_collections.ConfigDict, path: Path) -> None:
+def _check_same_run(meta: dict[str, Any], config: ml_collections.ConfigDict, path: Path) -> None:
+    """Refuses to resume a checkpoint of another network, input or patient split."""
     saved = meta.get("config", {})
+
+    def value(config_dict, group: str, field: str):
+        found = _jsonable(config_dict.get(group, {}).get(field))
+        return str(Path(found).expanduser().resolve()) if field == "root" and found else found
+
     differences = [
-        f"{group}.{field}: checkpoint {saved.get(group, {}).get(field)!r} vs config {_jsonable(config[group][field])!r}"
+        f"{group}.{field}: checkpoint {value(saved, group, field)!r} vs config {value(config, group, field)!r}"
         for group, fields in (("model", MODEL_FIELDS), ("data", DATA_FIELDS))
         for field in fields
-        if _jsonable(saved.get(group, {}).get(field)) != _jsonable(config[group][field])
+        if value(saved, group, field) != value(config, group, field)
     ]
     if differences:
         raise CheckpointError(
-            f"the checkpoint in {path} was trained with another model or input ({'; '.join(differences)}); "
+            f"the checkpoint in {path} was trained with another model, input or split ({'; '.join(differences)}); "
             "use another --workdir or the same settings"
         )
 
@@ -529,7 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     latest = ckpts.latest_step()
     if latest is not None:
         meta = ckpts.restore_meta(latest)
-        _check_model_matches(meta, config, ckpts.directory)
+        _check_same_run(meta, config, ckpts.directory)
         if meta.get("steps_per_epoch") != steps_per_epoch:
             raise ConfigError(
                 f"the run in {workdir} has {meta.get('steps_per_epoch')} steps per epoch, this config "

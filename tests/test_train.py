@@ -68,6 +68,25 @@ def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
         train.train_and_evaluate(tiny_config(*tiny_data, data__image_size=48), tmp_path / "run")
 
 
+@pytest.mark.parametrize("field, value", [("data__fold", 1), ("data__split_seed", 3), ("data__num_folds", 5)])
+def test_resume_refuses_another_patient_split(tiny_trained_run, tiny_data, tmp_path, field, value):
+    shutil.copytree(tiny_trained_run[0], tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    name = field.replace("__", ".")
+    with pytest.raises(CheckpointError, match=f"{name}: checkpoint .* vs config {value}"):
+        train.train_and_evaluate(tiny_config(*tiny_data, **{field: value}), tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_resume_accepts_the_same_data_root_spelt_another_way(tiny_trained_run, tiny_data, tmp_path, monkeypatch):
+    shutil.copytree(tiny_trained_run[0], tmp_path / "run")
+    root, cache = tiny_data
+    monkeypatch.chdir(root.parent)
+    config = tiny_config(f"./{root.name}/../{root.name}", cache)  # relative, not the saved absolute path
+    summary = train.train_and_evaluate(config, tmp_path / "run")  # resumes the finished run: nothing to train
+    assert summary["dice_mean"] == pytest.approx(tiny_trained_run[2]["dice_mean"])
+
+
 def test_schedule_halves_every_four_epochs():
     config = default.get_config()
     schedule = train.learning_rate_schedule(config.train, steps_per_epoch=3)
