@@ -3,7 +3,6 @@
 Any config field can be overridden, e.g. --config.train.num_epochs=2.
 """
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def main(argv):
         sys.exit(sharding.supervise([sys.executable, *sys.orig_argv[1:]]))
     from scse_jax import train
 
-    use_compilation_cache(config)
+    train.use_compilation_cache(config.data)
     try:
         if _CPU_DEVICES.value:
             sharding.use_cpu_devices(_CPU_DEVICES.value)
@@ -51,17 +50,6 @@ def main(argv):
     except KeyboardInterrupt:  # outside the training steps, where SIGINT is not turned into a save
         print("error: interrupted; the same command resumes from the latest checkpoint, if any", file=sys.stderr)
         sys.exit(130)
-
-
-def use_compilation_cache(config) -> None:
-    """Keeps compiled steps beside the prepared data, so that a resumed or repeated run skips
-    compiling (unless JAX_COMPILATION_CACHE_DIR names another place)."""
-    import jax
-
-    from scse_jax.data.run_data import cache_root
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(cache_root(config.data) / "xla"))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from scse_jax import evaluate, plots, train
+from scse_jax import evaluate, plots, sharding, train
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
 SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
@@ -248,6 +248,7 @@ def run_study(
     """
     configs = load_study_configs(config_paths, overrides, folds)
     names = list(configs)
+    train.use_compilation_cache(next(iter(configs.values())).data)
     rows_by_model: dict[str, list[dict]] = {name: [] for name in names}
     missing = []
     for seed in seeds:
@@ -346,8 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every config")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
+    parser.add_argument(
+        "--cpu-devices", type=int, default=0, help="split the CPU into this many JAX devices (as launch.py --cpu_devices)"
+    )
     args = parser.parse_args(argv)
     try:
+        if args.cpu_devices:
+            sharding.use_cpu_devices(args.cpu_devices)
         seeds = parse_seeds(args.seeds)
         args.out.mkdir(parents=True, exist_ok=True)
         print(run_study(

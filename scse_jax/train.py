@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +26,6 @@ import optax
 from scse_jax import checkpoint, losses, postprocess, sharding
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
-from scse_jax.data.types import CLASS_NAMES
 from scse_jax.errors import CheckpointError, ConfigError, RunStopped, TrainingError
 from scse_jax.data.run_data import RunData, StreamedRunData, plan_run_data
 from scse_jax.models.unet import UNet
@@ -387,6 +385,15 @@ def dice_table(summary: dict[str, Any]) -> str:
         lines.append(f"{organ:<14}{dice:>8.3f}{summary['jaccard'][organ]:>10.3f}")
     lines.append(f"{'mean':<14}{summary['dice_mean']:>8.3f}{summary['jaccard_mean']:>10.3f}")
     return "\n".join(lines)
+
+
+def use_compilation_cache(data_config: ml_collections.ConfigDict) -> None:
+    """Keeps compiled steps beside the prepared data, so that a resumed or repeated run skips
+    compiling (unless JAX_COMPILATION_CACHE_DIR names another place)."""
+    from scse_jax.data.run_data import cache_root
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_root(data_config) / "xla"))
 
 
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
