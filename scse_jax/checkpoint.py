@@ -61,6 +61,11 @@ class Checkpoints:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, META))
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot open checkpoint folder {self.directory}: {_first_line(error)}") from error
+        # orbax removes those folders in a thread that nothing else waits for: a process that
+        # exits soon after opening would cut it short (a traceback, the folders left behind).
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
