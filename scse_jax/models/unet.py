@@ -53,10 +53,9 @@ def make_se_block(
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # UNet(fast_kernel_gradient=True), the default, computes 3x3 kernel gradients on the CPU with
-# `_kernel_gradient_by_shifts` (figures in benchmarks/README.md), for 1.7x the train step's
-# temporary memory (XLA's memory analysis, batch 20: 4.9 against 2.8 GiB at 256 px, 19 against
-# 11 GiB at 512 px). False restores XLA's gradient and memory (512 px on 24 GB); the
-# parameters are the same either way.
+# `_kernel_gradient_by_shifts`, faster there for more of the train step's temporary memory
+# (figures in benchmarks/README.md). False restores XLA's gradient and memory; the parameters
+# are the same either way.
 
 
 def _conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
