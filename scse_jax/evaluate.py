@@ -106,14 +106,6 @@ def evaluate_png_series(
     return modality, {CLASS_NAMES[class_id]: values for class_id, values in scores.items()}
 
 
-def scores_to_rows(patient: str, organ_scores: Mapping[str, Mapping[str, float]]) -> list[dict]:
-    """{organ: scores} of one patient -> rows {patient, organ, dice, jaccard, ravd, assd, mssd}."""
-    return [
-        {"patient": patient, "organ": organ, **{name: float(values[name]) for name in metrics.METRIC_NAMES}}
-        for organ, values in organ_scores.items()
-    ]
-
-
 def _format_value(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else str(value)
 

@@ -218,11 +218,6 @@ def test_write_csv_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["scores.csv"]
 
 
-def test_scores_to_rows():
-    rows = evaluate.scores_to_rows("7", {"liver": dict.fromkeys(METRIC_KEYS, 0.5)})
-    assert rows == [{"patient": "7", "organ": "liver", **dict.fromkeys(METRIC_KEYS, 0.5)}]
-
-
 def test_checkpoint_scoring_reads_only_its_split_and_matches_the_runs_validation(tiny_trained_run, tmp_path, monkeypatch):
     from scse_jax.data import preprocess
 
