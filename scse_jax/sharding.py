@@ -7,6 +7,7 @@ over the mesh axis "data", which spans every device of every process.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import os
@@ -205,28 +206,61 @@ def supervise(command: Sequence[str]) -> int:
     """Runs `command` (this launch again) as a child process; returns the status to exit with.
 
     SIGTERM is passed on to the child; SIGINT, which a terminal sends to both, is left to it.
+    The child's stderr passes through this parent, which watches it for JAX's fatal message.
     """
     read_end, write_end = os.pipe()
-    child = subprocess.Popen(command, pass_fds=(read_end,), env={**os.environ, _PARENT_PIPE: str(read_end)})
+    child = subprocess.Popen(
+        command, pass_fds=(read_end,), env={**os.environ, _PARENT_PIPE: str(read_end)}, stderr=subprocess.PIPE
+    )
     os.close(read_end)
+    forwarding = _StderrForwarder(child.stderr)
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
     }
     try:
         code = child.wait()
+        forwarding.join()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         os.close(write_end)
     if code >= 0:
         return code
-    if -code == signal.SIGABRT:
+    # The runtime's abort may end in SIGSEGV instead of SIGABRT, when a fault handler dumping
+    # the Python stacks crashes on the threads the runtime is tearing down.
+    if forwarding.saw_runtime_abort or -code == signal.SIGABRT:
         reason = "JAX's distributed runtime aborted it, most likely because another process of the run stopped"
     else:
         reason = f"it was killed by {signal.Signals(-code).name}"
     print(f"error: this process of the run ended abnormally ({reason}). {_RESUME_HINT}", file=sys.stderr, flush=True)
     return 1
+
+
+class _StderrForwarder:
+    """Copies a child's stderr to ours as it comes, noting whether JAX's runtime aborted it."""
+
+    _RUNTIME_ABORT = "JAX distributed service detected fatal errors"
+
+    def __init__(self, stream) -> None:
+        self.saw_runtime_abort = False
+        self._stream = stream
+        self._thread = threading.Thread(target=self._forward, name="stderr-forward", daemon=True)
+        self._thread.start()
+
+    def _forward(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tail = ""
+        while chunk := self._stream.read1(65536):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            self.saw_runtime_abort = self.saw_runtime_abort or self._RUNTIME_ABORT in tail + text
+            tail = (tail + text)[-len(self._RUNTIME_ABORT) :]
+        self._stream.close()
+
+    def join(self) -> None:
+        self._thread.join(timeout=10)  # a grandchild may hold the pipe open
 
 
 def stop_with_parent() -> None:
@@ -236,7 +270,8 @@ def stop_with_parent() -> None:
 
     def watch() -> None:
         os.read(read_end, 1)  # returns (empty) once the parent's end is closed
-        print("error: the launching process is gone: stopping", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # our stderr went through the parent
+            print("error: the launching process is gone: stopping", file=sys.stderr, flush=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

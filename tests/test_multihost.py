@@ -192,6 +192,9 @@ def test_process_digests_tell_copies_apart():
         ("import os; os.abort()", 1, "error: this process of the run ended abnormally (JAX's distributed runtime"),
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 1, "error: this process of the run ended "
          "abnormally (it was killed by SIGKILL)"),
+        ("import os, signal, sys; print('F client.h:80] Terminating process because the JAX distributed service "
+         "detected fatal errors.', file=sys.stderr, flush=True); os.kill(os.getpid(), signal.SIGSEGV)", 1,
+         "error: this process of the run ended abnormally (JAX's distributed runtime"),
     ],
 )  # fmt: skip
 def test_the_supervising_parent_passes_statuses_on_and_reports_a_killed_child(capfd, code, status, last_line):
@@ -201,6 +204,12 @@ def test_the_supervising_parent_passes_statuses_on_and_reports_a_killed_child(ca
     lines = capfd.readouterr().err.splitlines()
     if last_line:
         assert lines[-1].startswith(last_line), lines
+
+
+def test_the_supervising_parent_passes_the_childs_stderr_on(capfd):
+    code = "import sys, time; print('first', file=sys.stderr, flush=True); time.sleep(0.2); sys.exit('second')"
+    assert sharding.supervise([sys.executable, "-c", code]) == 1
+    assert capfd.readouterr().err.splitlines() == ["first", "second"]
 
 
 def test_failures_of_a_single_process_run_pass_through_untouched():
