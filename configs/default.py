@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.num_val_patients = 1  # patients taken from the training folds for validation
     data.split_seed = 0  # seed of the patient shuffle before the folds are cut
     data.cache_dir = ""  # preprocessed-case cache; "" = $SCSE_JAX_CACHE or ~/.cache/scse_jax
+    data.context_slices = 0  # neighbouring slices on either side fed as extra channels (2.5-D); 0 = 2-D
     data.augment = True  # anatomy-respecting augmentation (no left-right flips)
     # Epoch 1 starts once a quarter of the training cases are read, shuffling through a buffer
     # of a quarter of the slices; False: epoch 1 waits for all cases and shuffles them fully.

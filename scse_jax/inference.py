@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from scse_jax import checkpoint, postprocess, sharding
-from scse_jax.data import preprocess
+from scse_jax.data import pipeline, preprocess
 from scse_jax.data.types import Volume
 from scse_jax.errors import CheckpointError, ConfigError
 
@@ -130,16 +130,19 @@ class Segmenter:
         """Segments preprocessed slices on the training grid.
 
         Args:
-          images: (N, S, S) or (N, S, S, 1) normalised slices, S = config.data.image_size.
+          images: (N, S, S) normalised consecutive slices of one volume (a model trained with
+            data.context_slices = k reads each with k neighbours on either side), or
+            (N, S, S, 2k + 1) slices already stacked with their neighbours (`pipeline.with_context`).
           probabilities: return (N, S, S, C) class probabilities instead of (N, S, S) class ids.
           tta: average over small shifts (anatomy-preserving test-time augmentation).
         """
         images = np.asarray(images, np.float32)
-        if images.ndim == 3:
-            images = images[..., None]
-        size = self.settings.image_size
-        if images.ndim != 4 or images.shape[1:] != (size, size, 1):
-            raise ConfigError(f"segment() expects (N, {size}, {size}[, 1]) slices, got {images.shape}")
+        size, channels = self.settings.image_size, pipeline.input_channels(self.config.data)
+        if images.ndim == 3 and images.shape[1:] == (size, size):
+            images = pipeline.with_context(images, (channels - 1) // 2)
+        if images.ndim != 4 or images.shape[1:] != (size, size, channels):
+            raise ConfigError(f"segment() expects (N, {size}, {size}) or (N, {size}, {size}, {channels}) slices, "
+                              f"got {images.shape}")
         predict = self._compiled(probabilities=probabilities, tta=tta)
         count = len(images)
         outputs = []
@@ -197,7 +200,8 @@ def _restore_state(ckpts, step: int, meta: dict[str, Any], config: ml_collection
     model = train.build_model(config.model, num_classes)
     tx = train.make_optimizer(config.train, meta["steps_per_epoch"])
     abstract = train.abstract_train_state(
-        model, tx, image_size=config.data.image_size, mesh=sharding.make_data_mesh()
+        model, tx, image_size=config.data.image_size, mesh=sharding.make_data_mesh(),
+        channels=pipeline.input_channels(config.data),
     )
     state, _ = ckpts.restore(step, abstract)
     return state

@@ -49,8 +49,10 @@ class TrainState(flax.struct.PyTreeNode):
 MODEL_FIELDS = ("features", "se", "se_reduction", "se_aggregation", "se_positions", "upsample")
 DATA_FIELDS = (
     "root", "modality", "sequences", "image_size", "num_folds", "fold", "num_val_patients", "split_seed",
-    "max_patients", "synthetic_patients", "synthetic_size", "synthetic_slices",
+    "max_patients", "synthetic_patients", "synthetic_size", "synthetic_slices", "context_slices",
 )
+# What a checkpoint saved before a field existed ran with.
+_FIELD_DEFAULTS = {"context_slices": 0}
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
@@ -81,9 +83,9 @@ def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int
     return optax.adam(learning_rate_schedule(train_config, steps_per_epoch))
 
 
-def _state_initialiser(model: UNet, tx: optax.GradientTransformation, image_size: int):
+def _state_initialiser(model: UNet, tx: optax.GradientTransformation, image_size: int, channels: int):
     def init(rng: jax.Array) -> TrainState:
-        variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False)
+        variables = model.init(rng, jnp.zeros((1, image_size, image_size, channels), jnp.float32), train=False)
         params = variables["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -96,27 +98,33 @@ def _state_initialiser(model: UNet, tx: optax.GradientTransformation, image_size
 
 
 def abstract_train_state(
-    model: UNet, tx: optax.GradientTransformation, *, image_size: int, mesh: jax.sharding.Mesh
+    model: UNet, tx: optax.GradientTransformation, *, image_size: int, mesh: jax.sharding.Mesh, channels: int = 1
 ) -> TrainState:
     """Shapes, dtypes and (replicated) shardings of the state, computed without any FLOPs."""
-    shapes = jax.eval_shape(_state_initialiser(model, tx, image_size), jax.random.key(0))
+    shapes = jax.eval_shape(_state_initialiser(model, tx, image_size, channels), jax.random.key(0))
     replicated = sharding.replicated_sharding(mesh)
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes)
 
 
 def create_train_state(
-    model: UNet, tx: optax.GradientTransformation, *, image_size: int, seed: int, mesh: jax.sharding.Mesh
+    model: UNet,
+    tx: optax.GradientTransformation,
+    *,
+    image_size: int,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    channels: int = 1,
 ) -> tuple[TrainState, TrainState]:
     """Initialises a replicated state; returns it and its abstract twin (for restoring).
 
     Shapes come first from ``jax.eval_shape``; the real initialisation then runs jitted
     straight into its replicated sharding.
     """
-    abstract = abstract_train_state(model, tx, image_size=image_size, mesh=mesh)
+    abstract = abstract_train_state(model, tx, image_size=image_size, mesh=mesh, channels=channels)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract)
     # "rbg" keys compile far faster than threefry on the CPU (init: ~11 s vs 30-60 s here).
     rng = jax.random.key(seed, impl="rbg")
-    state = jax.jit(_state_initialiser(model, tx, image_size), out_shardings=shardings)(rng)
+    state = jax.jit(_state_initialiser(model, tx, image_size, channels), out_shardings=shardings)(rng)
     return state, abstract
 
 
@@ -229,9 +237,10 @@ def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes
     """Compiles `train_fn` for the run's batches before any exists, so that the first step
     finds it in JAX's cache; returns the compiled step."""
     size, batch = config.data.image_size, config.train.batch_size
+    channels = pipeline.input_channels(config.data)
     batch_sharding = sharding.batch_sharding(mesh)
     batch_spec = {
-        "image": jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32, sharding=batch_sharding),
+        "image": jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32, sharding=batch_sharding),
         "label": jax.ShapeDtypeStruct((batch, size, size), jnp.int32, sharding=batch_sharding),
     }
     weights_spec = jax.ShapeDtypeStruct((num_classes,), jnp.float32, sharding=sharding.replicated_sharding(mesh))
@@ -325,9 +334,10 @@ def evaluate_cases(
     mesh: jax.sharding.Mesh,
     class_names: tuple[str, ...],
     largest_component: bool,
+    context: int = 0,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Predicts whole patients, maps predictions to the native grid (`postprocess.to_native`)
-    and scores them there.
+    """Predicts whole patients, each slice with `context` neighbours on either side as
+    channels, maps predictions to the native grid (`postprocess.to_native`) and scores them there.
 
     Returns the mean loss parts, one row per (case, organ) with the CHAOS metrics and the
     volume analysis, and the native-grid predictions by case key.
@@ -342,7 +352,7 @@ def evaluate_cases(
         (jax.process_index() + 1) * batch_size // jax.process_count(),
     )
     for case in cases:
-        arrays = {"image": case.images[..., None], "label": case.labels.astype(np.int32)}
+        arrays = {"image": pipeline.with_context(case.images, context), "label": case.labels.astype(np.int32)}
         pieces = []
         for batch in fixed_size_batches(arrays, batch_size):
             local = {name: value[process_slice] for name, value in batch.items()}
@@ -407,9 +417,13 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     def need_int(value, field):
         need(isinstance(value, int) and not isinstance(value, bool), field, f"must be an integer, got {value!r}")
 
-    for field in ("data.image_size", "train.batch_size", "train.num_epochs", "eval.batch_size", "model.features"):
+    for field in (
+        "data.image_size", "data.context_slices", "train.batch_size", "train.num_epochs", "eval.batch_size",
+        "model.features",
+    ):
         group, name = field.split(".")
         need_int(config[group][name], field)
+    need(config.data.context_slices >= 0, "data.context_slices", f"must be >= 0, got {config.data.context_slices}")
     size = config.data.image_size
     need(size >= 16 and size % 16 == 0, "data.image_size", f"{size} must be a positive multiple of 16 (four 2x poolings)")
     need(config.train.num_epochs > 0, "train.num_epochs", f"must be > 0, got {config.train.num_epochs}")
@@ -490,7 +504,7 @@ def _check_same_run(meta: dict[str, Any], config: ml_collections.ConfigDict, pat
     saved = meta.get("config", {})
 
     def value(config_dict, group: str, field: str):
-        found = _jsonable(config_dict.get(group, {}).get(field))
+        found = _jsonable(config_dict.get(group, {}).get(field, _FIELD_DEFAULTS.get(field)))
         return str(Path(found).expanduser().resolve()) if field == "root" and found else found
 
     differences = [
@@ -559,7 +573,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # and, with data.stream_first_epoch, the first epoch's training steps.
     streamed = StreamedRunData(plan, config)
     state, abstract_state = create_train_state(
-        model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh
+        model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh,
+        channels=pipeline.input_channels(config.data),
     )
     train_fn = jit_train_step(model, tx, config.train, mesh)
     compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
@@ -676,7 +691,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 val_losses, rows, val_predictions = evaluate_cases(
                     eval_fn, state.variables(), data.val, class_weights,
                     batch_size=config.eval.batch_size, mesh=mesh, class_names=class_names,
-                    largest_component=config.eval.largest_component,
+                    largest_component=config.eval.largest_component, context=config.data.context_slices,
                 )
                 summary = summarise_rows(rows, class_names)
                 val_dice = summary["dice_mean"]
@@ -699,7 +714,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         _, rows, val_predictions = evaluate_cases(
             eval_fn, state.variables(), data.val, class_weights,
             batch_size=config.eval.batch_size, mesh=mesh, class_names=class_names,
-            largest_component=config.eval.largest_component,
+            largest_component=config.eval.largest_component, context=config.data.context_slices,
         )
         summary = summarise_rows(rows, class_names)
     if is_chief:

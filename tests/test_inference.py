@@ -90,3 +90,29 @@ def test_largest_component_setting_reaches_volume_results(segmenter, tiny_data, 
     np.testing.assert_array_equal(
         cleaned.segment_volume(volume), postprocess.keep_largest_components(raw_labels, range(1, 5))
     )
+
+
+def test_a_model_trained_on_neighbouring_slices_reads_them_from_the_volume(tiny_data, tmp_path):
+    import contextlib
+    import io
+
+    from tests.conftest import tiny_config
+    from scse_jax import train
+    from scse_jax.data import pipeline
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train.train_and_evaluate(tiny_config(*tiny_data, data__context_slices=1), tmp_path / "run")
+    assert 0.0 <= summary["dice_mean"] <= 1.0
+    segmenter = Segmenter.from_checkpoint(tmp_path / "run")
+    assert segmenter.variables["params"]["enc1"]["conv1"]["kernel"].shape[-2] == 3
+    volume = np.random.default_rng(0).normal(size=(4, 32, 32)).astype(np.float32)
+    probs = segmenter.segment(volume, probabilities=True)
+    np.testing.assert_array_equal(probs, segmenter.segment(pipeline.with_context(volume, 1), probabilities=True))
+    changed = volume.copy()
+    changed[1] += 3.0  # a neighbour of slices 0 and 2 only
+    moved = np.abs(segmenter.segment(changed, probabilities=True) - probs).max(axis=(1, 2, 3))
+    assert moved[0] > 0 and moved[2] > 0 and moved[3] == 0
+    with pytest.raises(Exception, match=r"expects .*\(N, 32, 32, 3\)"):
+        segmenter.segment(volume[..., None])
+    case = chaos.find_cases(tiny_data[0])[0]
+    assert segmenter.segment_volume(chaos.load_case(case)).shape == chaos.load_case(case).voxels.shape

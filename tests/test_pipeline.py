@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scse_jax.data.pipeline import (
+    input_channels,
+    with_context,
     SliceDataset,
     Split,
     StreamedSliceDataset,
@@ -159,6 +161,29 @@ def test_dataset_from_cases():
         SliceDataset.from_cases([prepared("a", 3), prepared("b", 2, size=4)])
 
 
+def test_context_channels_are_the_neighbouring_slices_repeated_at_the_ends():
+    volume = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    stacked = with_context(volume, 2)
+    assert stacked.shape == (4, 2, 2, 5) and stacked.dtype == np.float32
+    np.testing.assert_array_equal(stacked[:, 0, 0], [[0, 0, 0, 1, 2], [0, 0, 1, 2, 3], [0, 1, 2, 3, 3], [1, 2, 3, 3, 3]])
+    np.testing.assert_array_equal(with_context(volume, 0), volume[..., None])
+    assert input_channels({"context_slices": 2}) == 5 and input_channels({}) == 1
+    with pytest.raises(DataError, match="one volume"):
+        with_context(volume[None], 1)
+
+
+def test_context_channels_never_cross_from_one_case_into_the_next():
+    cases = [prepared("a", 3), prepared("b", 2, offset=10.0)]
+    dataset = SliceDataset.from_cases(cases, context=1)
+    assert dataset.images.shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(dataset.images[:, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 2], [10, 10, 11], [10, 11, 11]])
+    streamed = StreamedSliceDataset(5, 8, context=1)
+    for case in cases:
+        streamed.append_case(case)
+    np.testing.assert_array_equal(streamed.images, dataset.images)
+    np.testing.assert_array_equal(streamed.labels, dataset.labels)
+
+
 def test_batches_have_the_promised_shapes_and_types():
     batches = list(iterate_batches(numbered_dataset(10), batch_size=4, epoch=0, seed=0))
     assert len(batches) == steps_per_epoch(10, 4) == 2
@@ -255,6 +280,19 @@ def test_augmentation_keeps_shapes_values_and_sides(modality):
         moved = out["image"][..., 0] > out["image"][..., 0].min(axis=(1, 2), keepdims=True) + 0.5
         overlap = (moved & (out["label"] == 2)).sum() / (out["label"] == 2).sum()
         assert overlap > 0.8
+
+
+def test_augmentation_moves_every_context_channel_with_the_labels():
+    batch = left_object_batch()
+    batch["image"] = np.concatenate([batch["image"], 2 * batch["image"], 3 * batch["image"]], axis=-1)
+    out = augment_batch(batch, [np.random.default_rng(seed) for seed in range(6)], modality="MR")
+    assert out["image"].shape == batch["image"].shape
+    base = out["image"][..., 0] - out["image"][..., 0].min(axis=(1, 2), keepdims=True)
+    for channel in (1, 2):  # the same warp and the same intensity jitter on every channel
+        moved = out["image"][..., channel] - out["image"][..., channel].min(axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(moved, (channel + 1) * base, atol=1e-5)
+    np.testing.assert_array_equal(out["label"], augment_batch(left_object_batch(), [
+        np.random.default_rng(seed) for seed in range(6)], modality="MR")["label"])
 
 
 def test_augmentation_changes_examples_reproducibly():

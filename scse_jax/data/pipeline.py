@@ -131,12 +131,31 @@ def weights_from_counts(counts: np.ndarray, method: str = "inverse_frequency") -
     return weights.astype(np.float32)
 
 
+def input_channels(data_config) -> int:
+    """Network input channels: each slice with `data.context_slices` neighbours on either side."""
+    return 2 * int(data_config.get("context_slices", 0)) + 1
+
+
+def with_context(images: np.ndarray, context: int) -> np.ndarray:
+    """(N, S, S) consecutive slices of one volume -> (N, S, S, 2 context + 1) float32.
+
+    Channel j of slice i is slice i + j - context, repeated at the volume's ends (2.5-D input).
+    """
+    if images.ndim != 3:
+        raise DataError(f"expected (slices, rows, cols) of one volume, got {images.shape}")
+    if context < 0:
+        raise ConfigError(f"context_slices must be >= 0, got {context}")
+    count = len(images)
+    neighbours = np.clip(np.arange(count)[:, None] + np.arange(-context, context + 1)[None, :], 0, count - 1)
+    return np.moveaxis(np.asarray(images, np.float32)[neighbours], 1, -1)
+
+
 @dataclasses.dataclass
 class SliceDataset:
     """2-D training examples: every slice of every case.
 
     Attributes:
-      images: (N, S, S, 1) float32.
+      images: (N, S, S, C) float32: C = 1, or each slice with its neighbours (`with_context`).
       labels: (N, S, S) int32 class ids.
     """
 
@@ -145,9 +164,9 @@ class SliceDataset:
 
     def __post_init__(self):
         shapes_match = self.images.ndim == 4 and self.labels.shape == self.images.shape[:3]
-        if not shapes_match or self.images.shape[-1] != 1:
+        if not shapes_match or self.images.shape[-1] % 2 != 1:
             raise DataError(
-                f"images (N, S, S, 1) and labels (N, S, S) must match; got {self.images.shape} "
+                f"images (N, S, S, C), C odd, and labels (N, S, S) must match; got {self.images.shape} "
                 f"and {self.labels.shape}"
             )
 
@@ -155,8 +174,9 @@ class SliceDataset:
         return self.images.shape[0]
 
     @classmethod
-    def from_cases(cls, prepared_cases: Sequence[PreparedCase]) -> "SliceDataset":
-        """Stacks the slices of labelled prepared cases (all on the same grid)."""
+    def from_cases(cls, prepared_cases: Sequence[PreparedCase], *, context: int = 0) -> "SliceDataset":
+        """Stacks the slices of labelled prepared cases (all on the same grid), each with
+        `context` neighbours on either side as channels."""
         if not prepared_cases:
             raise DataError("no prepared cases to build a dataset from")
         unlabelled = [c.case_key for c in prepared_cases if c.labels is None]
@@ -165,7 +185,7 @@ class SliceDataset:
         shapes = {c.images.shape[1:] for c in prepared_cases}
         if len(shapes) != 1:
             raise DataError(f"prepared cases lie on different grids: {sorted(shapes)}")
-        images = np.concatenate([c.images for c in prepared_cases]).astype(np.float32)[..., None]
+        images = np.concatenate([with_context(c.images, context) for c in prepared_cases])
         labels = np.concatenate([c.labels for c in prepared_cases]).astype(np.int32)
         return cls(images=images, labels=labels)
 
@@ -180,8 +200,11 @@ class StreamedSliceDataset(SliceDataset):
     ones are still being decoded. A producer that fails hands its error to every waiting reader.
     """
 
-    def __init__(self, num_rows: int, size: int):
-        super().__init__(np.zeros((num_rows, size, size, 1), np.float32), np.zeros((num_rows, size, size), np.int32))
+    def __init__(self, num_rows: int, size: int, *, context: int = 0):
+        super().__init__(
+            np.zeros((num_rows, size, size, 2 * context + 1), np.float32), np.zeros((num_rows, size, size), np.int32)
+        )
+        self.context = context
         self.rows_filled = 0
         self._error: BaseException | None = None
         self._changed = threading.Condition()
@@ -196,7 +219,7 @@ class StreamedSliceDataset(SliceDataset):
                 f"{prepared.case_key}: {prepared.images.shape} does not fit rows {start}..{start + count} of "
                 f"{self.images.shape[:3]}: did the data change during the run?"
             )
-        self.images[start : start + count, ..., 0] = prepared.images
+        self.images[start : start + count] = with_context(prepared.images, self.context)
         self.labels[start : start + count] = prepared.labels
         with self._changed:
             self.rows_filled = start + count
@@ -353,25 +376,28 @@ def augment_batch(
 
     # Output pixel p samples the input at A p + offset, A = R(angle) / scale, about the centre.
     centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
-    moved_images = np.empty(images.shape[:3], np.float32)
+    moved_images = np.empty(images.shape, np.float32)
     moved_labels = np.empty_like(labels)
 
     def warp(example: int) -> None:
         cos, sin = np.cos(angle[example]) / scale[example], np.sin(angle[example]) / scale[example]
         matrix = np.array([[cos, -sin], [sin, cos]])
         offset = centre - matrix @ centre - shift[example]
-        pairs = ((images[example, ..., 0], moved_images, 1), (labels[example], moved_labels, 0))
-        for source, moved, order in pairs:  # bilinear image, nearest labels, same transform
-            ndimage.affine_transform(source, matrix, offset, order=order, mode="nearest", output=moved[example])
+        for channel in range(images.shape[-1]):  # bilinear images, nearest labels, one transform
+            ndimage.affine_transform(
+                images[example, ..., channel], matrix, offset, order=1, mode="nearest",
+                output=moved_images[example, ..., channel],
+            )
+        ndimage.affine_transform(labels[example], matrix, offset, order=0, mode="nearest", output=moved_labels[example])
 
     # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
     list(_warp_pool().map(warp, range(count)))
-    contrast = uniform(*_CONTRAST_RANGE, (1, 1))
-    brightness = uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (1, 1))
+    contrast = uniform(*_CONTRAST_RANGE, (1, 1, 1))
+    brightness = uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (1, 1, 1))
     moved_images = moved_images * contrast + brightness
     return dict(
         batch,
-        image=moved_images[..., None].astype(np.float32),
+        image=moved_images.astype(np.float32),
         label=moved_labels,
     )
 

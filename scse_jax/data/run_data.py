@@ -145,7 +145,9 @@ class StreamedRunData:
         shuffled = np.random.default_rng((config.train.seed, 0)).permutation(len(in_patient_order))
         self.train_cases = [in_patient_order[i] for i in shuffled]
         self._lengths = [chaos.num_slices(case) for case in self.train_cases]
-        self.train = pipeline.StreamedSliceDataset(sum(self._lengths), config.data.image_size)
+        self.train = pipeline.StreamedSliceDataset(
+            sum(self._lengths), config.data.image_size, context=config.data.context_slices
+        )
         self._weights: concurrent.futures.Future = concurrent.futures.Future()
         self._result: concurrent.futures.Future = concurrent.futures.Future()
         # Started last: the reader uses every attribute set above.
@@ -226,7 +228,7 @@ def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunDat
     return RunData(
         split=plan.split,
         class_names=plan.class_names,
-        train=pipeline.SliceDataset.from_cases(train_cases),
+        train=pipeline.SliceDataset.from_cases(train_cases, context=config.data.context_slices),
         val=by_patient(plan.split.val),
         test=by_patient(plan.split.test),
         class_weights=pipeline.class_weights([p.labels for p in train_cases], len(plan.class_names)),
