@@ -23,3 +23,8 @@ class TrainingError(ScseError):
 
 class RunStopped(ScseError):
     """A run stopped on SIGTERM/SIGINT after saving a checkpoint: resumable, not finished."""
+
+
+class OutputError(ScseError):
+    """A file cannot be written (full disk, no permission, a folder in its place); what was
+    there before is kept."""

@@ -1,17 +1,20 @@
 """What a run writes as it goes: ``metrics.jsonl``, TensorBoard events, progress lines.
 
-``metrics.jsonl`` holds one JSON object per line and per (split, epoch). After a restart
-the lines of epochs newer than the restored checkpoint are dropped (rewritten atomically),
-so every epoch appears exactly once however often the run was killed.
+``metrics.jsonl`` holds one JSON object per line and per (split, epoch). Every change
+rewrites it atomically (`files.atomic_write`), so a kill or a full disk never leaves a cut
+line. After a restart the lines of epochs newer than the restored checkpoint are dropped, and
+of repeated (split, epoch) records only the last is kept, so every epoch appears exactly once
+however often the run was killed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from scse_jax import files
 
 
 class RunLog:
@@ -38,22 +41,21 @@ class RunLog:
         return records
 
     def roll_back_to(self, completed_epochs: int) -> None:
-        """Keeps only the records of epochs up to ``completed_epochs``."""
+        """Keeps only the records of epochs up to ``completed_epochs``, the last of each
+        (split, epoch)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in self.read_records() if r.get("epoch", 0) <= completed_epochs]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        kept = {
+            (r.get("split"), r.get("epoch")): r for r in self.read_records() if r.get("epoch", 0) <= completed_epochs
+        }
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept.values()))
 
     def record(self, split: str, epoch: int, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"split": split, "epoch": epoch, "step": step, **values}
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
+        before = self.path.read_text() if self.path.exists() else ""
+        files.write_text(self.path, before + json.dumps(record) + "\n")
         self.scalars(step, _flatten(values, prefix=f"{split}/"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scse_jax import checkpoint, losses, postprocess, sharding
+from scse_jax import checkpoint, files, losses, postprocess, sharding
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.errors import CheckpointError, ConfigError, RunStopped, TrainingError
@@ -493,10 +493,7 @@ def threading_main() -> bool:
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    path = workdir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _check_same_run(meta: dict[str, Any], config: ml_collections.ConfigDict, path: Path) -> None:
@@ -528,8 +525,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Trains (or resumes) one run in ``workdir`` and validates it every epoch.
 
     Returns the final validation summary (per-organ Dice and Jaccard and their means). Raises
-    RunStopped after saving when SIGTERM/SIGINT arrives before the last epoch is done.
+    RunStopped after saving when SIGTERM/SIGINT arrives before the last epoch is done, and
+    ConfigError when another process trains in ``workdir`` (see `files.WorkdirLock`).
     """
+    with contextlib.ExitStack() as held:  # the workdir's lock, from when the workdir exists
+        return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, held: contextlib.ExitStack
+) -> dict[str, Any]:
     workdir = Path(workdir).expanduser()
     sharding.initialize_distributed(
         config.distributed.coordinator_address or None,
@@ -556,6 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--workdir {workdir}: cannot create it ({error.strerror or error})") from error
+    held.enter_context(files.WorkdirLock(workdir, process=jax.process_index()))
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep_latest=config.checkpoint.keep_latest)
     latest = ckpts.latest_step()
     if latest is not None:

@@ -243,3 +243,52 @@ def test_failed_save_is_a_checkpoint_error_and_keeps_the_previous_one(tmp_path):
     while temporary_folders(directory) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert temporary_folders(directory) == []
+
+
+FULL_DISK_WRITES = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pathlib import Path
+    import ml_collections
+    from scse_jax import train
+    from scse_jax.errors import OutputError
+    from scse_jax.run_log import RunLog
+
+    workdir = Path(sys.argv[1])
+    log = RunLog(workdir)
+    log.record("train", 1, 2, {"loss": 0.5, "note": "x" * 1000})
+    (workdir / "config.json").write_text("{}")  # a previous start's
+    limit = (workdir / "metrics.jsonl").stat().st_size + 100
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # a full disk, as root feels it
+    writes = {
+        "config": lambda: train._save_config(ml_collections.ConfigDict({"note": "y" * 2000}), workdir),
+        "metrics": lambda: log.record("val", 1, 2, {"dice": 0.25, "note": "z" * 1000}),
+    }
+    for name, write in writes.items():
+        try:
+            write()
+            print(name, "written")
+        except OutputError as error:
+            print(name, "OutputError:", error)
+        except OSError as error:
+            print(name, "OSError:", error)
+    """
+)
+
+
+def test_a_full_disk_leaves_config_and_metrics_whole_with_one_line(tmp_path):
+    """At the start (config.json) and while metrics.jsonl grows: the old content stays, no
+    temporary file, no cut line, and a package error (launch.py's one line)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITES, str(tmp_path)],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("config.json", "metrics.jsonl"):
+        error = f"OutputError: cannot write {tmp_path / name} (File too large); what was there is unchanged"
+        assert error in done.stdout, done.stdout
+    assert (tmp_path / "config.json").read_text() == "{}"
+    assert [(r["split"], r["epoch"]) for r in read_metrics(tmp_path)] == [("train", 1)]
+    assert (tmp_path / "metrics.jsonl").read_text().endswith("}\n")  # no cut line after it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "tensorboard"]

@@ -27,15 +27,15 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from scse_jax import files
 from scse_jax.data.types import Case, Geometry, Volume
-from scse_jax.errors import ConfigError, DataError
+from scse_jax.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -289,28 +289,8 @@ def _read_entry(path: Path, key: str, size: int) -> PreparedCase:
 def _write_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Writes atomically: a crash leaves either the old state or the complete new file."""
     arrays = dict(arrays, digest=np.asarray(_digest(arrays)))
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=_TEMP_PREFIX + path.stem + "-", suffix=".npz", delete=False
-    )
-    try:
-        with handle:
-            np.savez_compressed(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with files.atomic_write(path, "wb", prefix=_TEMP_PREFIX + path.stem + "-", suffix=".npz") as stream:
+        np.savez_compressed(stream, **arrays)
 
 
 def _default_loader() -> Loader:
@@ -372,7 +352,7 @@ def _prepare_with_status(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _write_entry(path, _to_arrays(prepared, key))
-    except OSError as error:
+    except (OSError, OutputError) as error:
         raise DataError(f"cannot write cache entry {path}: {error}") from error
     return prepared, status
 
