@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from scse_jax.data import chaos, dicom, labels, nifti
+from scse_jax.data import chaos, dicom, labels, limits, nifti
 from scse_jax.data.synthetic import write_synthetic_chaos
 from scse_jax.errors import ConfigError, DataError
 
@@ -195,6 +195,17 @@ def test_unknown_mr_gray_value(tree):
     assert chaos.load_case(case, with_labels=False).labels is None
 
 
+def test_a_one_bit_png_is_refused_as_mr_ground_truth(tree):
+    """Its white (255) would read as spleen everywhere the mask is set."""
+    png = sorted((tree / "MR" / "1" / "T2SPIR" / "Ground").iterdir())[2]
+    mask = np.asarray(Image.open(png)) > 0
+    Image.fromarray(mask).save(png)  # mode "1"
+    case = chaos.find_cases(tree, sequences=["T2SPIR"])[0]
+    with pytest.raises(DataError, match=f"{png.name}: a 1-bit PNG cannot hold MR ground truth"):
+        chaos.load_labels(case)
+    np.testing.assert_array_equal(labels.png_to_class_ids(png, "CT"), mask)  # a CT liver mask is 1-bit
+
+
 def test_gray_ranges_and_export_round_trip(tmp_path):
     gray = np.array([[0, 55, 70, 110], [135, 175, 200, 240], [255, 63, 126, 189]], dtype=np.uint8)
     Image.fromarray(gray).save(tmp_path / "mr.png")
@@ -264,6 +275,41 @@ def test_slice_step_from_positions_and_single_slice_fallback(tree):
         dicom.read_series(dicoms[:2])
 
 
+@pytest.mark.parametrize("keyword", ["SeriesInstanceUID", "PatientID"])
+def test_a_folder_of_two_series_or_two_patients_is_refused(tree, keyword):
+    dicoms, _ = ct_files(tree)
+    rewrite_dicom(dicoms[2], **{keyword: "1.2.3.4"})
+    with pytest.raises(DataError, match=f"{dicoms[2].name}: {keyword} '1.2.3.4' differs from .* of .*{dicoms[0].name}"):
+        dicom.read_series(dicoms)
+
+
+def test_repeated_swapped_or_missing_slices_are_refused(tree):
+    dicoms, _ = ct_files(tree)
+    positions = [pydicom.dcmread(path).ImagePositionPatient for path in dicoms]
+    step = float(positions[1][2]) - float(positions[0][2])
+    rewrite_dicom(dicoms[3], ImagePositionPatient=[*positions[3][:2], float(positions[3][2]) + step])
+    with pytest.raises(DataError, match=rf"{dicoms[3].name}: lies {2 * abs(step):g} mm from {dicoms[2].name}, most "
+                                        rf"slices {abs(step):g} mm apart \(uneven ImagePositionPatient"):
+        dicom.read_series(dicoms)  # a slice missing before the last
+    rewrite_dicom(dicoms[3], ImagePositionPatient=positions[3])
+    rewrite_dicom(dicoms[1], ImagePositionPatient=positions[2])
+    rewrite_dicom(dicoms[2], ImagePositionPatient=positions[1])
+    with pytest.raises(DataError, match="uneven ImagePositionPatient"):
+        dicom.read_series(dicoms)  # two slices swapped
+    rewrite_dicom(dicoms[2], ImagePositionPatient=positions[2])
+    with pytest.raises(DataError, match=f"{dicoms[2].name}: same ImagePositionPatient as {dicoms[1].name}"):
+        dicom.read_series(dicoms)  # a slice repeated
+
+
+def test_rescale_slope_zero_is_refused_not_read_as_one(tree):
+    dicoms, _ = ct_files(tree)
+    rewrite_dicom(dicoms[1], RescaleSlope="0")
+    with pytest.raises(DataError, match=f"{dicoms[1].name}: RescaleSlope 0 would make every voxel -1024"):
+        dicom.read_series(dicoms)
+    rewrite_dicom(dicoms[1], RescaleSlope=None)  # absent: stored values are the units
+    assert dicom.read_series(dicoms)[0].shape == (SLICES, SIZE, SIZE)
+
+
 def test_empty_case_folders_and_non_chaos_paths(tree, tmp_path):
     (tree / "CT" / "7").mkdir()
     with pytest.raises(DataError, match=r"CT/7/DICOM_anon: missing DICOM folder"):
@@ -294,8 +340,8 @@ def test_dicom_size_limits_are_checked_before_decoding(tree, monkeypatch):
     rewrite_dicom(dicoms[0], Rows=60000)  # pixel data still 32 x 32: decoding would fail differently
     with pytest.raises(DataError, match=f"{dicoms[0].name}: 60000 x 32 pixels outside the limit of 1..4096"):
         dicom.read_series(dicoms)
-    monkeypatch.setattr(dicom, "MAX_VOXELS", SLICES * SIZE * SIZE - 1)
-    with pytest.raises(DataError, match=r"exceeds the series limit"):
+    monkeypatch.setattr(limits, "MAX_DECODED_BYTES", SLICES * SIZE * SIZE * 4 - 1)  # float32 voxels
+    with pytest.raises(DataError, match=f"{dicoms[1].name}: a 4 x 32 x 32 DICOM series of float32 decodes to 16384"):
         dicom.read_series(dicoms[1:] + dicoms[1:2])
     monkeypatch.setattr(dicom, "MAX_FILE_BYTES", 100)
     with pytest.raises(DataError, match=f"{dicoms[1].name}: .* exceeds the DICOM file limit of 100 bytes"):
@@ -323,6 +369,13 @@ def test_png_pixel_limits(tmp_path, monkeypatch):
     monkeypatch.setattr(labels, "MAX_PNG_PIXELS", 399)
     with pytest.raises(DataError, match="ok.png: 20 x 20 pixels exceeds the PNG limit of 399"):
         labels.png_to_class_ids(tmp_path / "ok.png", "CT")
+
+
+def test_a_ground_truth_series_is_limited_by_its_decoded_size(tree, monkeypatch):
+    _, pngs = ct_files(tree)
+    monkeypatch.setattr(limits, "MAX_DECODED_BYTES", SLICES * SIZE * SIZE - 1)  # uint8 class ids
+    with pytest.raises(DataError, match=f"{pngs[0].name}: a 4 x 32 x 32 ground-truth series of uint8 decodes"):
+        labels.read_ground(pngs, "CT")
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -359,12 +412,69 @@ def test_nifti_pairs_and_their_errors(tmp_path, monkeypatch):
     _write_nifti(tmp_path / "label_3.nii.gz", label)
     with pytest.raises(DataError, match="label_3.nii.gz: unknown label value 7"):
         chaos.load_case(case)
-    monkeypatch.setattr(nifti, "MAX_VOXELS", 59)
-    with pytest.raises(DataError, match="image_3.nii.gz: 60 voxels exceeds the limit of 59"):
+    monkeypatch.setattr(limits, "MAX_DECODED_BYTES", 60 * 4 - 1)
+    with pytest.raises(DataError, match="image_3.nii.gz: a 4 x 5 x 3 NIfTI volume of float32 decodes to 240 bytes"):
         chaos.load_case(case)
     monkeypatch.setitem(__import__("sys").modules, "nibabel", None)
     with pytest.raises(DataError, match=r"scse_jax\[nifti\]"):
         chaos.load_case(case)
+
+
+def test_a_nifti_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch):
+    """4096 x 4096 x 32 float64 (4 GiB decoded) declared by a file of a few hundred bytes."""
+    import gzip
+
+    nibabel = pytest.importorskip("nibabel")
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((4096, 4096, 32))
+    header.set_data_dtype(np.float64)
+    header.set_sform(np.eye(4), code=1)
+    bomb = tmp_path / "image_1.nii.gz"
+    bomb.write_bytes(gzip.compress(header.binaryblock + bytes(4 + 1000)))
+    for read in (nifti.num_slices, nifti.read_image):  # the header alone decides
+        with pytest.raises(DataError, match="image_1.nii.gz: a 4096 x 4096 x 32 NIfTI volume of float64 decodes to 4294967296"):
+            read(bomb)
+    # Bytes, not voxels: the same shape passes as float32 and fails as float64.
+    monkeypatch.setattr(limits, "MAX_DECODED_BYTES", 4 * 5 * 3 * 4)
+    _write_nifti(tmp_path / "image_2.nii.gz", np.zeros((4, 5, 3), np.float32))
+    assert nifti.read_image(tmp_path / "image_2.nii.gz")[0].shape == (3, 5, 4)
+    _write_nifti(tmp_path / "image_2.nii.gz", np.zeros((4, 5, 3), np.float64))
+    with pytest.raises(DataError, match="of float64 decodes to 480 bytes, over the limit of 240"):
+        nifti.read_image(tmp_path / "image_2.nii.gz")
+
+
+def _nifti_with(path: Path, problem: str) -> None:
+    nibabel = pytest.importorskip("nibabel")
+    if problem == "rgb":
+        data = np.zeros((4, 5, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    else:
+        data = np.zeros((0, 5, 3) if problem == "empty" else (4, 5, 3), np.float32)
+    image = nibabel.Nifti1Image(data, np.eye(4))
+    if problem == "singular":
+        image.header.set_sform(np.array([[1.0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), code=2)
+        image.header.set_qform(None, code=0)
+        image = nibabel.Nifti1Image(image.dataobj, None, image.header)
+    nibabel.save(image, path)
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("singular", r"the affine .* is singular or not finite"),
+        ("rgb", "NIfTI data type RGB is not one gray value per voxel"),
+        ("empty", r"expected a 3-D volume with voxels along every axis, got shape \(0, 5, 3\)"),
+    ],
+)
+def test_nifti_headers_that_place_no_gray_volume_are_data_errors(tmp_path, problem, message):
+    path = tmp_path / "image_1.nii.gz"
+    _nifti_with(path, problem)
+    for read in (nifti.num_slices, nifti.read_image):
+        with pytest.raises(DataError, match=f"image_1.nii.gz: {message}"):
+            read(path)
+    _write_nifti(path, np.zeros((4, 5, 3), np.float32))
+    _nifti_with(tmp_path / "label_1.nii.gz", problem)  # the same checks guard a label file
+    with pytest.raises(DataError, match=f"label_1.nii.gz: {message}"):
+        chaos.load_labels(chaos.find_cases(tmp_path)[0])
 
 
 # --------------------------------------------------------------------------- fuzzing

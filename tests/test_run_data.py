@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import tiny_config
 from scse_jax.data import chaos, pipeline
-from scse_jax.data.run_data import StreamedRunData, plan_run_data, prepare_run_data
+from scse_jax.data.run_data import StreamedRunData, check_training_labels, plan_run_data, prepare_run_data
+from scse_jax.data.types import CLASS_NAMES
 from scse_jax.errors import DataError
 
 
@@ -95,3 +96,46 @@ def test_labels_that_change_after_the_class_weights_are_refused(tiny_data, tmp_p
     streamed = StreamedRunData(plan, config)
     with pytest.raises(DataError, match="did the data change during the run"):
         streamed.result()
+
+
+def test_training_labels_without_any_organ_are_refused_before_training(tiny_data, tmp_path, monkeypatch):
+    config = tiny_config(tiny_data[0], tmp_path / "cold_cache")
+    plan = plan_run_data(config)
+    load_labels = chaos.load_labels
+    monkeypatch.setattr(chaos, "load_labels", lambda case: np.zeros_like(load_labels(case)))
+    with pytest.raises(DataError, match="the 2 training label maps hold only background, no liver/right_kidney/"):
+        StreamedRunData(plan, config).class_weights()  # what training waits for before its first step
+
+
+def test_an_organ_absent_from_every_training_map_is_warned_of(capsys):
+    check_training_labels(np.array([900, 50, 20, 30, 0]), CLASS_NAMES, 3)
+    assert capsys.readouterr().err == (
+        "warning: no spleen voxel in the 3 training label maps: the network cannot learn to find it\n"
+    )
+
+
+@pytest.mark.parametrize("problem", ["singular affine", "RGB labels"])
+def test_a_bad_nifti_header_of_a_test_patient_stops_the_run_at_planning(tmp_path, problem):
+    """Not after the first epoch, when the held-out patients are first read."""
+    nibabel = pytest.importorskip("nibabel")
+    folder = tmp_path / "nifti"
+    folder.mkdir()
+    for patient in range(1, 6):
+        label = np.zeros((8, 8, 3), np.uint8)
+        label[2:5, 2:5] = 1
+        nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 3), np.float32), np.eye(4)), folder / f"image_{patient}.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(label, np.eye(4)), folder / f"label_{patient}.nii.gz")
+    config = tiny_config(folder, tmp_path / "cache")
+    patient = plan_run_data(config).split.test[0]
+    if problem == "RGB labels":
+        bad = folder / f"label_{patient}.nii.gz"
+        rgb = np.zeros((8, 8, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nibabel.save(nibabel.Nifti1Image(rgb, np.eye(4)), bad)
+    else:
+        bad = folder / f"image_{patient}.nii.gz"
+        image = nibabel.load(bad)
+        image.header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=2)
+        image.header.set_qform(None, code=0)
+        nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 3), np.float32), None, image.header), bad)
+    with pytest.raises(DataError, match=bad.name):
+        plan_run_data(config)

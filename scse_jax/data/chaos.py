@@ -44,6 +44,15 @@ def num_slices(case: Case) -> int:
     return len(case.image_files)
 
 
+def check_headers(case: Case) -> None:
+    """Checks what a case's NIfTI headers promise (shape, data type, affine, decoded size)
+    without decoding voxels, so that a run refuses a bad file before training. DICOM slices are
+    checked as they are read (a series is only known whole)."""
+    if case.file_format == "nifti":
+        for path in case.image_files + case.label_files:
+            nifti.check_header(path)
+
+
 def load_case(case: Case, *, with_labels: bool = True) -> Volume:
     """Reads a case's voxels, geometry and (if asked and present) its label map."""
     if case.file_format == "nifti":

@@ -2,8 +2,11 @@
 
 Slices stay in the order given (CHAOS: sorted file names, which the ground truth follows).
 The slice step comes from ImagePositionPatient, not SliceThickness (they disagree in CHAOS CT).
-Every file is untrusted: its header is checked against the limits below before any pixel
-data is decoded, and every pydicom failure becomes a DataError naming the file.
+Every file is untrusted: its header is checked against the limits below (and the decoded
+size against `limits.MAX_DECODED_BYTES`) before any pixel data is decoded, and every pydicom
+failure becomes a DataError naming the file. The files must form one series: one
+SeriesInstanceUID and PatientID, one grid, and positions evenly spaced in the given order
+(none missing, repeated or out of place), or a DataError names the file that breaks it.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from scse_jax.data import limits
 from scse_jax.data.types import Geometry
 from scse_jax.errors import DataError
 
 MAX_ROWS_COLS = 4096
 MAX_SLICES = 4096
-MAX_VOXELS = 2**31 // 4  # float32 voxels of one series: at most 2 GiB
 MAX_FILE_BYTES = 256 * 2**20
 _ALLOWED_BITS = (8, 16, 32)
+# How far a step between slices may stray from the usual (median) one, as a share of it: more
+# means a missing, repeated or misplaced slice, and one slice step would put voxels at wrong mm.
+SLICE_STEP_TOLERANCE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,8 @@ class SliceHeader:
     orientation: np.ndarray  # ImageOrientationPatient: (row direction, column direction)
     pixel_spacing: tuple[float, float]  # (between rows, between columns)
     slice_thickness: float | None
+    series_uid: str
+    patient_id: str
 
 
 def series_files(folder: Path | str) -> list[Path]:
@@ -73,10 +81,10 @@ def read_series(files: Sequence[Path | str]) -> tuple[np.ndarray, Geometry]:
         dataset = _read(path, stop_before_pixels=False)
         header = _parse_header(dataset, path)
         if index == 0:
-            _check_series_size(header, len(paths), path)
+            limits.check_decoded_size(path, (len(paths), header.rows, header.cols), np.float32, "DICOM series")
             voxels = np.empty((len(paths), header.rows, header.cols), dtype=np.float32)
         else:
-            _check_same_grid(header, headers[0], path, paths[0])
+            _check_same_series(header, headers[0], path, paths[0])
         voxels[index] = _decode_pixels(dataset, header, path)
         headers.append(header)
     return voxels, _series_geometry(headers, paths)
@@ -130,11 +138,21 @@ def _header_fields(dataset: pydicom.Dataset, path: Path) -> SliceHeader:
         raise DataError(f"{path}: PixelSpacing {spacing.tolist()} must be positive")
     thickness = dataset.get("SliceThickness")
     thickness = float(thickness) if thickness not in (None, "") and float(thickness) > 0 else None
-    slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    slope, intercept = _number(dataset, "RescaleSlope", 1.0), _number(dataset, "RescaleIntercept", 0.0)
     if not (np.isfinite(slope) and np.isfinite(intercept)):
         raise DataError(f"{path}: RescaleSlope/RescaleIntercept must be finite")
-    return SliceHeader(rows, cols, slope, intercept, position, orientation, (float(spacing[0]), float(spacing[1])), thickness)
+    if slope == 0:
+        raise DataError(f"{path}: RescaleSlope 0 would make every voxel {intercept:g}")
+    return SliceHeader(
+        rows, cols, slope, intercept, position, orientation, (float(spacing[0]), float(spacing[1])), thickness,
+        series_uid=str(dataset.get("SeriesInstanceUID", "") or ""),
+        patient_id=str(dataset.get("PatientID", "") or ""),
+    )
+
+
+def _number(dataset: pydicom.Dataset, keyword: str, default: float) -> float:
+    value = dataset.get(keyword)
+    return default if value is None or value == "" else float(value)
 
 
 def _required(dataset: pydicom.Dataset, keyword: str, path: Path):
@@ -153,16 +171,16 @@ def _vector(dataset: pydicom.Dataset, keyword: str, length: int, path: Path) -> 
     return values
 
 
-def _check_series_size(header: SliceHeader, num_slices: int, path: Path) -> None:
-    voxels = num_slices * header.rows * header.cols
-    if voxels > MAX_VOXELS:
-        raise DataError(
-            f"{path}: {num_slices} x {header.rows} x {header.cols} = {voxels} voxels exceeds "
-            f"the series limit of {MAX_VOXELS}"
-        )
-
-
-def _check_same_grid(header: SliceHeader, first: SliceHeader, path: Path, first_path: Path) -> None:
+def _check_same_series(header: SliceHeader, first: SliceHeader, path: Path, first_path: Path) -> None:
+    for name, value, first_value in (
+        ("SeriesInstanceUID", header.series_uid, first.series_uid),
+        ("PatientID", header.patient_id, first.patient_id),
+    ):
+        if value != first_value:
+            raise DataError(
+                f"{path}: {name} {value!r} differs from {first_value!r} of {first_path}: "
+                "one folder must hold one series of one patient"
+            )
     if (header.rows, header.cols) != (first.rows, first.cols):
         raise DataError(
             f"{path}: {header.rows} x {header.cols} pixels differs from {first.rows} x {first.cols} "
@@ -189,12 +207,8 @@ def _series_geometry(headers: list[SliceHeader], paths: list[Path]) -> Geometry:
     row_direction, column_direction = first.orientation  # along a row (+col index), down a column (+row index)
     row_spacing, column_spacing = first.pixel_spacing
     if len(headers) > 1:
-        slice_vector = (headers[-1].position - first.position) / (len(headers) - 1)
+        slice_vector = _even_slice_step(np.array([h.position for h in headers]), paths)
         slice_step = float(np.linalg.norm(slice_vector))
-        if slice_step < 1e-6:
-            raise DataError(
-                f"{paths[0]} and {paths[-1]}: same ImagePositionPatient; cannot derive the slice step"
-            )
     else:
         slice_step = first.slice_thickness or 1.0
         slice_vector = np.cross(row_direction, column_direction) * slice_step
@@ -204,3 +218,22 @@ def _series_geometry(headers: list[SliceHeader], paths: list[Path]) -> Geometry:
     affine[:3, 2] = row_direction * column_spacing
     affine[:3, 3] = first.position
     return Geometry((slice_step, row_spacing, column_spacing), affine)
+
+
+def _even_slice_step(positions: np.ndarray, paths: list[Path]) -> np.ndarray:
+    """The mean step between consecutive slices; DataError naming a repeated position, or the
+    file farthest from the usual (median) step if it is too far."""
+    steps = np.diff(positions, axis=0)
+    lengths = np.linalg.norm(steps, axis=1)
+    for index in np.flatnonzero(lengths < 1e-6):
+        raise DataError(f"{paths[index + 1]}: same ImagePositionPatient as {paths[index].name} (a repeated slice)")
+    usual = np.median(steps, axis=0)
+    deviations = np.linalg.norm(steps - usual, axis=1)
+    worst = int(np.argmax(deviations))
+    if deviations[worst] > SLICE_STEP_TOLERANCE * np.linalg.norm(usual):
+        raise DataError(
+            f"{paths[worst + 1]}: lies {lengths[worst]:.4g} mm from {paths[worst].name}, most slices "
+            f"{np.linalg.norm(usual):.4g} mm apart (uneven ImagePositionPatient: a slice missing, out of order "
+            "or from another series)"
+        )
+    return (positions[-1] - positions[0]) / (len(positions) - 1)

@@ -2,7 +2,8 @@
 
 CT ground truth marks the liver with any nonzero value (the real files are 1-bit). MR ground
 truth codes the four organs as gray values: liver 63 (55-70), right kidney 126 (110-135),
-left kidney 189 (175-200), spleen 252 (240-255); anything else is an error.
+left kidney 189 (175-200), spleen 252 (240-255); anything else is an error, and so is a
+1-bit PNG (it cannot hold those values: its white would read as spleen).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from scse_jax.data import limits
 from scse_jax.errors import DataError
 
 # A ground-truth PNG may not ask for more pixels than this (checked before decoding).
@@ -34,7 +36,11 @@ _GRAY_MODES = ("L", "I", "I;16", "I;16B", "I;16L")
 
 def read_png_gray(path: Path | str) -> np.ndarray:
     """Reads a PNG as a 2-D integer array of gray values (1-bit becomes 0/255; colour becomes L)."""
-    path = Path(path)
+    return _read_png(Path(path))[0]
+
+
+def _read_png(path: Path) -> tuple[np.ndarray, str]:
+    """The gray values and the PNG's own Pillow mode ("1" for 1-bit)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -48,6 +54,7 @@ def read_png_gray(path: Path | str) -> np.ndarray:
                 raise DataError(
                     f"{path}: {width} x {height} pixels exceeds the PNG limit of {MAX_PNG_PIXELS} pixels"
                 )
+            mode = image.mode
             if image.mode not in _GRAY_MODES:
                 image = image.convert("L")
             gray = np.array(image)
@@ -59,7 +66,7 @@ def read_png_gray(path: Path | str) -> np.ndarray:
         raise DataError(f"{path}: not a readable PNG ({type(exc).__name__}: {exc})") from exc
     if gray.ndim != 2:
         raise DataError(f"{path}: expected a single-channel image, got shape {gray.shape}")
-    return gray
+    return gray, mode
 
 
 def gray_to_class_ids(gray: np.ndarray, modality: str, *, source: Path | str = "<array>") -> np.ndarray:
@@ -85,7 +92,13 @@ def gray_to_class_ids(gray: np.ndarray, modality: str, *, source: Path | str = "
 
 def png_to_class_ids(path: Path | str, modality: str) -> np.ndarray:
     """Reads one ground-truth PNG as a (rows, cols) uint8 array of class ids."""
-    return gray_to_class_ids(read_png_gray(path), modality, source=path)
+    gray, mode = _read_png(Path(path))
+    if mode == "1" and modality == "MR":
+        raise DataError(
+            f"{path}: a 1-bit PNG cannot hold MR ground truth (gray values liver 63, right kidney 126, "
+            "left kidney 189, spleen 252); is it a CT liver mask?"
+        )
+    return gray_to_class_ids(gray, modality, source=path)
 
 
 def read_ground(files: Sequence[Path | str], modality: str) -> np.ndarray:
@@ -93,6 +106,7 @@ def read_ground(files: Sequence[Path | str], modality: str) -> np.ndarray:
     if not files:
         raise DataError("no ground-truth PNG files given")
     first = png_to_class_ids(files[0], modality)
+    limits.check_decoded_size(files[0], (len(files),) + first.shape, np.uint8, "ground-truth series")
     labels = np.empty((len(files),) + first.shape, dtype=np.uint8)
     labels[0] = first
     for index, path in enumerate(files[1:], start=1):

@@ -6,6 +6,9 @@ the NIfTI array is first reoriented so its axes run towards patient Left, Poster
 axis), then transposed to (slices, rows, cols) = (third, second, first) NIfTI axis. So rows run
 anterior -> posterior and columns patient right -> left (the liver is on the image's left).
 Geometry.index_to_patient is the reoriented NIfTI affine converted from RAS to DICOM LPS.
+The header is checked before any voxel is decoded: a 3-D shape with no empty axis, numbers
+(not RGB or complex values), an affine that places voxels in 3-D (not singular), and the
+decoded size (`limits.MAX_DECODED_BYTES`, counted in the type nibabel decodes into).
 nibabel is imported only here and only when needed (pip install 'scse_jax[nifti]').
 """
 
@@ -15,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from scse_jax.data import limits
 from scse_jax.data.types import CLASS_NAMES, Case, Geometry, Volume
 from scse_jax.errors import DataError
 
-MAX_VOXELS = 2**31 // 4
 MAX_FILE_BYTES = 1024 * 2**20
+# An affine whose 3 x 3 part is this ill-conditioned maps the voxels onto a plane or a line.
+_MAX_AFFINE_CONDITION = 1e8
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # (slice, row, col, 1) -> (i, j, k, 1) of the reoriented NIfTI array.
 _INDEX_TO_NIFTI = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -119,12 +124,26 @@ def _load(path: Path):
         raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) != 3:
-        raise DataError(f"{path}: expected a 3-D volume, got shape {image.shape}")
-    voxels = int(np.prod(shape, dtype=np.int64))
-    if voxels > MAX_VOXELS:
-        raise DataError(f"{path}: {voxels} voxels exceeds the limit of {MAX_VOXELS}")
+    if len(shape) != 3 or 0 in shape:
+        raise DataError(f"{path}: expected a 3-D volume with voxels along every axis, got shape {image.shape}")
+    stored = image.get_data_dtype()
+    if stored.kind not in "buif":
+        kind = image.header.get_value_label("datatype")
+        raise DataError(f"{path}: NIfTI data type {kind} is not one gray value per voxel")
+    limits.check_decoded_size(path, shape, _decoded_dtype(image, stored), "NIfTI volume")
+    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(linear)) or np.linalg.cond(linear) > _MAX_AFFINE_CONDITION:
+        raise DataError(
+            f"{path}: the affine {linear.tolist()} is singular or not finite: it does not place the voxels in 3-D"
+        )
     return image
+
+
+def _decoded_dtype(image, stored: np.dtype) -> np.dtype:
+    """What nibabel decodes into (scaled values become floats), and at least the float32 returned."""
+    scaled = image.header.get_slope_inter() not in ((None, None), (1.0, 0.0))
+    decoded = np.promote_types(stored, np.float32) if scaled else stored
+    return max(decoded, np.dtype(np.float32), key=lambda dtype: dtype.itemsize)
 
 
 def _data(image, path: Path) -> np.ndarray:
@@ -133,6 +152,11 @@ def _data(image, path: Path) -> np.ndarray:
     except Exception as exc:
         raise DataError(f"{path}: cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
     return data.reshape(data.shape[:3])
+
+
+def check_header(path: Path | str) -> None:
+    """Checks a NIfTI file's header (see the module docstring) without decoding its voxels."""
+    _load(Path(path))
 
 
 def num_slices(path: Path | str) -> int:

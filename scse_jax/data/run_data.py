@@ -113,6 +113,8 @@ def plan_run_data(config: ml_collections.ConfigDict) -> RunPlan:
     data_config = config.data
     root = resolve_data_root(data_config)
     cases = select_cases(chaos.find_cases(root), data_config, root)
+    for case in cases:  # every split's: a bad validation file must not wait for the first epoch's end
+        chaos.check_headers(case)
     patients = list(dict.fromkeys(case.patient for case in cases))
     split = pipeline.split_patients(
         patients,
@@ -122,6 +124,24 @@ def plan_run_data(config: ml_collections.ConfigDict) -> RunPlan:
         seed=data_config.split_seed,
     )
     return RunPlan(cases=cases, split=split, class_names=cases[0].class_names)
+
+
+def check_training_labels(counts: np.ndarray, class_names: tuple[str, ...], num_maps: int) -> None:
+    """Refuses training label maps without a single organ voxel (nothing to learn: the run
+    would end with a meaningless Dice); warns of each organ that none of them holds."""
+    if not np.any(counts[1:]):
+        raise DataError(
+            f"the {num_maps} training label maps hold only background, no {'/'.join(class_names[1:])} voxel: "
+            "nothing to learn (empty ground truth?)"
+        )
+    absent = [name for name, count in zip(class_names[1:], counts[1:]) if count == 0]
+    if absent:
+        print(
+            f"warning: no {', '.join(absent)} voxel in the {num_maps} training label maps: the network cannot "
+            "learn to find it",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # The first epoch's shuffle buffer, as a fraction of the training slices: training starts once
@@ -185,6 +205,7 @@ class StreamedRunData:
             pipeline.class_counts(resize_slices(chaos.load_labels(case), size, order=0), num_classes)
             for case in self.train_cases
         ]
+        check_training_labels(np.sum(counts, axis=0), plan.class_names, len(counts))
         self._weights.set_result(pipeline.weights_from_counts(np.sum(counts, axis=0)))
         print(
             f"class weights from {len(counts)} training label maps in {time.perf_counter() - start:.2f} s",
@@ -225,6 +246,8 @@ def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunDat
     prepared = prepare_cases(plan.cases, settings, cache_root(config.data) / "prepared")
     by_patient = lambda names: [p for p in prepared if p.patient in set(names)]  # noqa: E731
     train_cases = by_patient(plan.split.train)
+    counts = sum(pipeline.class_counts(p.labels, len(plan.class_names)) for p in train_cases)
+    check_training_labels(counts, plan.class_names, len(train_cases))
     return RunData(
         split=plan.split,
         class_names=plan.class_names,
