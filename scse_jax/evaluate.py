@@ -27,15 +27,13 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from scse_jax import metrics
+from scse_jax import files, metrics
 from scse_jax.data import dicom
 from scse_jax.data.labels import read_ground
 from scse_jax.data.types import CLASS_NAMES
@@ -124,16 +122,10 @@ def write_csv(rows: Sequence[Mapping], path: Path | str) -> None:
     """Writes result rows as CSV (columns ROW_FIELDS), atomically: all of it or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=ROW_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with files.atomic_write(path, newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _json_ready(value):
@@ -180,14 +172,30 @@ def score_checkpoint(
     if split not in ("test", "val"):
         raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
     segmenter = Segmenter.from_checkpoint(path, which=which, largest_component=largest_component)
-    cases = prepare_split(segmenter.config, split)
+    cases = prepare_split(_on_this_machine(segmenter.config), split)
     if not cases:
         raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
     rows, predictions = score_prepared_cases(segmenter, cases)
     return rows, predictions, cases, segmenter
 
 
+def _on_this_machine(config):
+    """The run's config, reading its cache folder only where it exists here: a checkpoint
+    from elsewhere names a cache_dir of another machine, which must not be created here (the
+    prepared cases, and the synthetic data, go to this machine's default cache instead)."""
+    import ml_collections
+
+    cache_dir = config.data.get("cache_dir")
+    if not cache_dir or Path(cache_dir).expanduser().is_dir():
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.cache_dir = ""
+    return config
+
+
 def _score_checkpoint_command(args) -> int:
+    if args.csv:
+        files.check_file_target(args.csv, "--csv")  # before the scoring, not after it
     rows, _, _, segmenter = score_checkpoint(
         args.checkpoint, split=args.split, which=args.which, largest_component=args.largest_component
     )

@@ -29,7 +29,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from scse_jax import evaluate, plots, sharding, train
+from scse_jax import evaluate, files, plots, sharding, train
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
 SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
@@ -321,12 +321,10 @@ def _postprocess_name(config: ml_collections.ConfigDict) -> str:
 
 def _write_all_rows(rows: list[dict], path: Path) -> None:
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as stream:
+    with files.atomic_write(path, newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -355,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cpu_devices:
             sharding.use_cpu_devices(args.cpu_devices)
         seeds = parse_seeds(args.seeds)
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--out {args.out}: cannot create the study folder ({error.strerror or error})") from error
         print(run_study(
             args.config, args.out, folds=args.folds, seeds=seeds, overrides=args.set, report_only=args.report_only
         ))

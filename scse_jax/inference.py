@@ -21,7 +21,7 @@ import numpy as np
 from scse_jax import checkpoint, postprocess, sharding
 from scse_jax.data import pipeline, preprocess
 from scse_jax.data.types import Volume
-from scse_jax.errors import CheckpointError, ConfigError
+from scse_jax.errors import CheckpointError, ConfigError, DataError
 
 # Test-time shifts in pixels of the training grid: small translations respect anatomy,
 # unlike left-right flips, which swap the kidneys.
@@ -87,6 +87,8 @@ class Segmenter:
           path: a workdir (holding ``checkpoints/``) or the checkpoint folder itself.
           which: "latest", "best" (highest validation Dice) or a step number.
         """
+        if which not in ("latest", "best") and not str(which).isdigit():
+            raise ConfigError(f"--which {which!r}: expected latest, best or a step number")
         directory = checkpoint.checkpoint_dir(path)
         ckpts = checkpoint.Checkpoints(directory, read_only=True)
         try:
@@ -143,6 +145,8 @@ class Segmenter:
         if images.ndim != 4 or images.shape[1:] != (size, size, channels):
             raise ConfigError(f"segment() expects (N, {size}, {size}) or (N, {size}, {size}, {channels}) slices, "
                               f"got {images.shape}")
+        if not np.all(np.isfinite(images)):  # the network would return background there, silently
+            raise DataError("the input holds non-finite values (NaN or infinity); training refuses such volumes too")
         predict = self._compiled(probabilities=probabilities, tta=tta)
         count = len(images)
         outputs = []
@@ -164,8 +168,8 @@ class Segmenter:
         (slices, rows, cols) uint8, or probabilities (slices, rows, cols, C) float32.
         """
         voxels = volume.voxels if isinstance(volume, Volume) else np.asarray(volume, np.float32)
-        if voxels.ndim != 3:
-            raise ConfigError(f"segment_volume() expects a (slices, rows, cols) volume, got {voxels.shape}")
+        if voxels.ndim != 3 or 0 in voxels.shape:
+            raise ConfigError(f"segment_volume() expects a (slices, rows, cols) volume with voxels, got {voxels.shape}")
         modality = modality or self.config.data.modality
         images = preprocess.resize_slices(
             preprocess.normalise(voxels, modality, self.settings), self.settings.image_size, order=1

@@ -236,3 +236,36 @@ def test_checkpoint_scoring_reads_only_its_split_and_matches_the_runs_validation
         row = next(r for r in rows if r["organ"] == organ)
         assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
         assert float(row["volume_ratio"]) == pytest.approx(summary["volume_ratio"][organ], abs=1e-6)
+
+
+def test_csv_naming_a_folder_is_refused_before_scoring(tiny_trained_run, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the --csv path was checked")
+
+    monkeypatch.setattr(evaluate, "score_checkpoint", never)
+    code = evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--csv", str(tmp_path)])
+    assert_one_error_line(code, capsys.readouterr().err, f"--csv {tmp_path} is a folder")
+    (tmp_path / "a_file").write_text("mine")
+    code = evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--csv", str(tmp_path / "a_file" / "s.csv")])
+    assert_one_error_line(code, capsys.readouterr().err, "a_file is a file, not a folder")
+
+
+def test_which_that_is_no_step_is_one_line(tiny_trained_run, capsys):
+    code = evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--which", "abc"])
+    assert_one_error_line(code, capsys.readouterr().err, "--which 'abc': expected latest, best or a step number")
+
+
+def test_a_checkpoint_from_elsewhere_never_creates_its_cache_dir(tiny_trained_run, tmp_path, monkeypatch):
+    """Its saved data.cache_dir names a folder of another machine: this one's default cache is used."""
+    import shutil
+
+    run = shutil.copytree(tiny_trained_run[0], tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere" / "cache"
+    for metadata in run.glob("checkpoints/*/meta/metadata"):
+        meta = json.loads(metadata.read_text())
+        meta["config"]["data"]["cache_dir"] = str(elsewhere)
+        metadata.write_text(json.dumps(meta))
+    monkeypatch.setenv("SCSE_JAX_CACHE", str(tmp_path / "default_cache"))
+    rows, _, _, _ = evaluate.score_checkpoint(run, split="val")
+    assert rows and not (tmp_path / "elsewhere").exists()
+    assert list((tmp_path / "default_cache" / "prepared").glob("*.npz"))

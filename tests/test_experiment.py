@@ -96,3 +96,12 @@ def test_bad_seeds_and_folds_are_one_line_errors(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--folds"):
         experiment.load_study_configs(CONFIGS[:1], [], 0)
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert experiment.main(["--config", CONFIGS[0], "--out", str(tmp_path / "notes.txt")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --out {tmp_path / 'notes.txt'}: cannot create the study folder (File exists)\n"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "mine"

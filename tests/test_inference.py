@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from scse_jax.data import chaos, dicom
-from scse_jax.errors import CheckpointError
+from scse_jax.errors import CheckpointError, ConfigError, DataError
 from scse_jax.inference import Segmenter
 
 
@@ -28,6 +28,19 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "other" / "3" / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError):
         Segmenter.from_checkpoint(tmp_path / "other")
+
+
+def test_non_finite_or_empty_input_is_refused_not_read_as_background(segmenter):
+    volume = np.random.default_rng(0).normal(size=(3, 40, 40)).astype(np.float32)
+    volume[1, 5, 5] = np.nan
+    with pytest.raises(DataError, match=r"non-finite values \(NaN or infinity\); training refuses such volumes"):
+        segmenter.segment_volume(volume)
+    images = np.zeros((2, 32, 32), np.float32)
+    images[0, 0, 0] = np.inf
+    with pytest.raises(DataError, match="non-finite values"):
+        segmenter.segment(images)
+    with pytest.raises(ConfigError, match=r"a \(slices, rows, cols\) volume with voxels, got \(0, 40, 40\)"):
+        segmenter.segment_volume(np.zeros((0, 40, 40), np.float32))
 
 
 def test_segment_labels_and_probabilities(segmenter):
