@@ -100,7 +100,7 @@ def test_bad_split_requests_are_config_errors(patients, kwargs, message):
 def test_class_weights_are_inverse_frequency_summing_to_num_classes():
     labels = [np.array([[0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]), np.array([2, 0])]
     # counts 10, 3, 1 of 14; class 3 absent.
-    weights = class_weights(labels, 4)
+    weights = class_weights(labels, 4, "inverse_frequency")
     expected = np.array([14 / 10, 14 / 3, 14 / 1, 0.0])
     expected *= 4 / expected.sum()
     assert weights.dtype == np.float32
@@ -124,9 +124,9 @@ def test_no_weighting_gives_present_classes_one():
 
 def test_class_weights_reject_bad_labels():
     with pytest.raises(DataError, match="label values"):
-        class_weights([np.array([0, 5])], 2)
+        class_weights([np.array([0, 5])], 2, "none")
     with pytest.raises(DataError, match="no labelled pixels"):
-        class_weights([np.zeros((0,), np.int32)], 2)
+        class_weights([np.zeros((0,), np.int32)], 2, "none")
 
 
 # Dataset and batches -------------------------------------------------------------------------

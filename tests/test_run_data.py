@@ -35,6 +35,22 @@ def test_streamed_data_equals_the_data_prepared_whole(tiny_data):
     assert streamed.first_epoch_order() is None
 
 
+@pytest.mark.parametrize("weighting", pipeline.CLASS_WEIGHTINGS)
+def test_training_weighs_classes_as_the_config_says(tiny_data, weighting, capsys):
+    config = tiny_config(*tiny_data, train__class_weighting=weighting)
+    plan = plan_run_data(config)
+    whole = prepare_run_data(plan, config)
+    counts = pipeline.class_counts(whole.train.labels, len(plan.class_names))
+    expected = pipeline.weights_from_counts(counts, weighting)
+    np.testing.assert_array_equal(whole.class_weights, expected)
+    np.testing.assert_array_equal(StreamedRunData(plan, config).class_weights(), expected)
+    if weighting == "none":
+        np.testing.assert_array_equal(expected, np.ones(len(plan.class_names)))
+    else:  # the rarest class weighs most
+        assert expected.argmax() == counts.argmin() and expected[0] == expected.min()
+    assert f"class weights ({weighting})" in capsys.readouterr().err
+
+
 def test_the_first_batch_trains_before_the_last_case_is_read(tiny_data, tmp_path, monkeypatch):
     config = tiny_config(tiny_data[0], tmp_path / "cold_cache", train__batch_size=4)
     plan = plan_run_data(config)

@@ -181,7 +181,7 @@ class StreamedRunData:
         return pipeline.streaming_order(self._lengths, buffer_size=buffer, seed=self._config.train.seed)
 
     def class_weights(self) -> np.ndarray:
-        """Waits for the training label maps; inverse class frequency weights."""
+        """Waits for the training label maps; their class weights (train.class_weighting)."""
         return self._weights.result()
 
     def result(self) -> RunData:
@@ -206,9 +206,12 @@ class StreamedRunData:
             for case in self.train_cases
         ]
         check_training_labels(np.sum(counts, axis=0), plan.class_names, len(counts))
-        self._weights.set_result(pipeline.weights_from_counts(np.sum(counts, axis=0)))
+        weighting = self._config.train.class_weighting
+        weights = pipeline.weights_from_counts(np.sum(counts, axis=0), weighting)
+        self._weights.set_result(weights)
         print(
-            f"class weights from {len(counts)} training label maps in {time.perf_counter() - start:.2f} s",
+            f"class weights ({weighting}) from {len(counts)} training label maps in "
+            f"{time.perf_counter() - start:.2f} s: " + " ".join(f"{w:.3g}" for w in weights),
             file=sys.stderr,
             flush=True,
         )
@@ -254,7 +257,7 @@ def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunDat
         train=pipeline.SliceDataset.from_cases(train_cases, context=config.data.context_slices),
         val=by_patient(plan.split.val),
         test=by_patient(plan.split.test),
-        class_weights=pipeline.class_weights([p.labels for p in train_cases], len(plan.class_names)),
+        class_weights=pipeline.weights_from_counts(counts, config.train.class_weighting),
     )
 
 
