@@ -5,6 +5,7 @@
     python benchmarks/bench.py --scaling --json docs/benchmarks/cpu-2core.json \\
         --plot docs/benchmarks/cpu-2core.png
     python benchmarks/bench.py --device --dtype bfloat16 --json docs/benchmarks/h100.json
+    python benchmarks/bench.py --compare-torch --json OUT.json   # PyTorch reference in turns
 
 Every figure comes from the real code path: ``train.build_model``, ``train.make_optimizer``,
 ``train.create_train_state``, ``train.jit_train_step`` (explicit shardings, donated state),
@@ -12,6 +13,9 @@ Every figure comes from the real code path: ``train.build_model``, ``train.make_
 analysis of the compiled programs; the peak they are divided by is a dense matmul measured in
 the same run (CPU) or the chip's datasheet peak (``--device``). ``--scaling`` repeats the model
 figures at several sizes and batches, each in a fresh process (own compile, own peak RSS).
+``--compare-torch`` times the same network in PyTorch (``torch_reference.py``, a child process
+per mode kept alive between turns) alternately with the project's train and inference steps,
+and records both and their ratios; without PyTorch it says so and reports the project alone.
 
 On Linux the benchmark re-executes itself once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
 (``--plain-malloc`` turns that off): XLA:CPU allocates every large intermediate afresh, and
@@ -26,17 +30,23 @@ import json
 import math
 import os
 import platform
+import queue
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TORCH_REFERENCE = Path(__file__).resolve().with_name("torch_reference.py")
+# With --device --compare-torch, JAX's share of the accelerator's memory (its default, 75%,
+# would leave PyTorch's process beside it too little); XLA_PYTHON_CLIENT_MEM_FRACTION overrides.
+SHARED_DEVICE_MEMORY_FRACTION = "0.45"
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 _REEXEC_MARKER = "SCSE_BENCH_REEXECUTED"
 
@@ -84,9 +94,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--xla-kernel-gradient", action="store_true",
         help="XLA's convolution kernel gradient (model.fast_kernel_gradient=False): slower, less memory",
     )
+    torch_options = parser.add_argument_group("PyTorch reference (--compare-torch)")
+    torch_options.add_argument(
+        "--compare-torch", action="store_true",
+        help="time benchmarks/torch_reference.py's steps in turns with the project's (needs torch)",
+    )
+    torch_options.add_argument(
+        "--torch-modes", default=None,
+        help="comma-separated eager,compile (default: eager on the CPU, eager,compile with --device)",
+    )
+    torch_options.add_argument("--torch-rounds", type=int, default=2, help="alternations (medians reported)")
+    torch_options.add_argument(
+        "--torch-compile-backend", default="inductor", help="torch.compile backend ('eager': tracing only)"
+    )
+    torch_options.add_argument(
+        "--torch-threads", type=int, default=0, help="torch.set_num_threads in the reference (0: PyTorch's default)"
+    )
+    torch_options.add_argument(
+        "--torch-python", default=sys.executable, help="the interpreter that has torch (default: this one)"
+    )
+    torch_options.add_argument(
+        "--torch-timeout", type=float, default=900.0,
+        help="seconds one answer of the reference may take, its set-up and compilation included",
+    )
     args = parser.parse_args(argv)
     if args.size < 16 or args.size % 16:
         parser.error(f"--size {args.size} must be a positive multiple of 16")
+    if args.torch_modes is None:
+        args.torch_modes = "eager,compile" if args.device else "eager"
+    modes = [mode for mode in args.torch_modes.split(",") if mode]
+    if not modes or any(mode not in ("eager", "compile") for mode in modes):
+        parser.error(f"--torch-modes {args.torch_modes!r}: expected some of eager,compile")
+    if args.torch_rounds < 1:
+        parser.error("--torch-rounds must be at least 1")
     if args.quick:
         args.steps = min(args.steps, 2)
         args.volume_slices = min(args.volume_slices, 2 * args.batch)
@@ -155,6 +195,7 @@ def machine_description(jax) -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "prng_impl": str(jax.config.jax_default_prng_impl),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
@@ -168,9 +209,11 @@ def device_peak_gflops(device_kind: str, dtype: str) -> float | None:
 
 def measure_gemm_gflops(jax, jnp, *, dtype: str, n: int = 2048, repeats: int = 10) -> float:
     """Dense n x n matmul GFLOP/s, the median of ``repeats`` timed calls."""
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(key_b, (n, n), jnp.dtype(dtype))
+    import numpy as np
+
+    # Operands from NumPy: jax.random takes seconds per draw under jax_disable_most_optimizations.
+    a, b = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+    a, b = jnp.asarray(a, jnp.dtype(dtype)), jnp.asarray(b, jnp.dtype(dtype))
     matmul = jax.jit(jnp.dot)
     matmul(a, b).block_until_ready()
     seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
@@ -287,7 +330,7 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
     if stats and "peak_bytes_in_use" in stats:
         result["device_peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
     reuse = {"state": state, "train_compiled": train_compiled, "class_weights": class_weights, "mesh": mesh,
-             "step_s": step_s, "num_classes": num_classes}
+             "step_s": step_s, "num_classes": num_classes, "batch": batch, "predict_compiled": predict_compiled}
     return result, reuse
 
 
@@ -371,6 +414,167 @@ def bench_input(args: argparse.Namespace, reuse: dict[str, Any]) -> dict[str, An
     }
 
 
+class TorchReferenceError(RuntimeError):
+    """The PyTorch reference is missing, failed or did not answer in time."""
+
+
+class TorchReference:
+    """benchmarks/torch_reference.py --serve in a child process: one JSON line per request.
+
+    The child's stderr is this process's; its answers are read by a thread, so that a child
+    that hangs (a compilation that never ends) costs `timeout` seconds, not the benchmark.
+    """
+
+    def __init__(self, command: list[str], timeout: float):
+        self.timeout = timeout
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready = self._answer()
+        if self.ready["errors"]:
+            self.close()
+            raise TorchReferenceError("; ".join(self.ready["errors"].values()))
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _answer(self) -> dict[str, Any]:
+        try:
+            line = self.lines.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close(kill=True)
+            raise TorchReferenceError(f"no answer within {self.timeout:.0f} s (--torch-timeout)") from None
+        if line is None:
+            code = self.process.wait()
+            raise TorchReferenceError(f"the reference process ended (exit status {code}); its stderr is above")
+        answer = json.loads(line)
+        if "error" in answer:
+            self.close()
+            raise TorchReferenceError(answer["error"])
+        return answer
+
+    def median_s(self, mode: str, what: str, steps: int) -> float:
+        try:
+            self.process.stdin.write(json.dumps({"mode": mode, "what": what, "steps": steps}) + "\n")
+            self.process.stdin.flush()
+        except OSError as error:  # the child is gone
+            raise TorchReferenceError(f"the reference process is gone ({error})") from None
+        return self._answer()["median_s"]
+
+    def close(self, *, kill: bool = False) -> None:
+        """Ends the child: end of input (it exits by itself), or SIGKILL when `kill` or 30 s later."""
+        if self.process.poll() is None:
+            if not kill:
+                try:
+                    self.process.stdin.close()
+                    self.process.wait(timeout=30)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+
+
+def compare_torch(args: argparse.Namespace, reuse: dict[str, Any]) -> dict[str, Any]:
+    """The PyTorch reference's train and inference steps timed in turns with the project's.
+
+    Each mode (eager, compile) runs in a child process of its own, so that a compilation that
+    fails or outlasts ``--torch-timeout`` costs that mode alone. Each round times ``--steps``
+    project train steps, then each mode's, then the same for inference (medians);
+    ``project_*_speedup`` is the median over rounds of PyTorch's seconds over the project's
+    (above 1: the project is faster). Without PyTorch the result says why and holds no figures.
+    """
+    import jax
+
+    modes = [mode for mode in args.torch_modes.split(",") if mode]
+    command = [
+        args.torch_python, str(TORCH_REFERENCE), "--serve", "--batch", str(args.batch), "--size", str(args.size),
+        "--features", str(args.features), "--se", args.se, "--dtype", args.dtype,
+        "--device", "cuda" if args.device else "cpu", "--compile-backend", args.torch_compile_backend,
+        "--threads", str(args.torch_threads), "--modes",
+    ]
+    result: dict[str, Any] = {"commands": {mode: " ".join(command + [mode]) for mode in modes}, "rounds": [],
+                              "setup_s": {}}
+    references: dict[str, TorchReference] = {}
+    errors: dict[str, str] = {}
+    for mode in modes:
+        start = time.perf_counter()
+        try:
+            references[mode] = TorchReference(command + [mode], args.torch_timeout)
+        except (TorchReferenceError, OSError) as error:
+            errors[mode] = str(error)
+            print(f"PyTorch reference, {mode}: {error}", file=sys.stderr, flush=True)
+            continue
+        result["settings"] = {**references[mode].ready["settings"], "modes": modes}
+        result["setup_s"][mode] = {**references[mode].ready["setup_s"][mode],
+                                   "process_start_s": time.perf_counter() - start}
+    if not references:
+        message = f"PyTorch reference not measured: {'; '.join(sorted(set(errors.values())))}; the project's figures alone"
+        print(message, file=sys.stderr, flush=True)
+        return {**result, "status": "skipped", "message": message, "mode_errors": errors}
+
+    train_compiled, weights, batch = reuse["train_compiled"], reuse["class_weights"], reuse["batch"]
+    predict_compiled = reuse["predict_compiled"]
+
+    def project_train_step() -> None:
+        reuse["state"], parts = train_compiled(reuse["state"], batch, weights)
+        jax.block_until_ready((reuse["state"], parts))
+
+    def ask(row: dict[str, float], what: str, key: str, steps: int) -> None:
+        for mode, reference in list(references.items()):
+            try:
+                row[f"{mode}_{key}"] = reference.median_s(mode, what, steps)
+            except TorchReferenceError as error:
+                errors[mode] = f"round {len(result['rounds']) + 1}: {error}"
+                print(f"PyTorch reference, {mode}: {errors[mode]}", file=sys.stderr, flush=True)
+                references.pop(mode).close()
+
+    try:
+        for _ in range(args.torch_rounds):
+            row = {"project_train_step_s": median_seconds(project_train_step, args.steps)}
+            ask(row, "train", "train_step_s", args.steps)
+            variables = reuse["state"].variables()
+            row["project_infer_batch_s"] = median_seconds(
+                lambda: predict_compiled(variables, batch["image"]).block_until_ready(), max(args.steps, 3)
+            )
+            ask(row, "infer", "infer_batch_s", max(args.steps, 3))
+            result["rounds"].append(row)
+    finally:
+        for reference in references.values():
+            reference.close()
+    if errors:
+        result["mode_errors"] = errors
+
+    def median_over_rounds(fn, key: str) -> float | None:
+        values = [fn(row) for row in result["rounds"] if key in row]
+        return statistics.median(values) if values else None
+
+    result["project"] = {
+        "train_images_per_s": median_over_rounds(lambda row: args.batch / row["project_train_step_s"], "project_train_step_s"),
+        "infer_images_per_s": median_over_rounds(lambda row: args.batch / row["project_infer_batch_s"], "project_infer_batch_s"),
+    }
+    result["modes"] = {}
+    for mode in modes:
+        train_key, infer_key = f"{mode}_train_step_s", f"{mode}_infer_batch_s"
+        if not any(train_key in row and infer_key in row for row in result["rounds"]):
+            continue
+        result["modes"][mode] = {
+            "rounds": sum(train_key in row and infer_key in row for row in result["rounds"]),
+            "train_images_per_s": median_over_rounds(lambda row: args.batch / row[train_key], train_key),
+            "infer_images_per_s": median_over_rounds(lambda row: args.batch / row[infer_key], infer_key),
+            "project_train_speedup": median_over_rounds(
+                lambda row: row[train_key] / row["project_train_step_s"], train_key),
+            "project_infer_speedup": median_over_rounds(
+                lambda row: row[infer_key] / row["project_infer_batch_s"], infer_key),
+        }
+    result["status"] = "measured" if result["modes"] else "failed"
+    if not result["modes"]:
+        result["message"] = f"PyTorch reference failed: {errors}; the project's figures alone"
+    return result
+
+
 def synthetic_volume_masks(shape=(78, 512, 512), seed: int = 0):
     """A liver-sized ellipsoid and a perturbed prediction of it, (slices, rows, cols) uint8."""
     import numpy as np
@@ -452,6 +656,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     model, reuse = bench_model(args, peak)
     results.update(model)
+    if args.compare_torch:
+        results["torch_reference"] = compare_torch(args, reuse)
     if not args.model_only:
         results.update(bench_input(args, reuse))
         results.update(bench_scoring(args))
@@ -558,6 +764,17 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             f"({100 * results['input_wait_fraction_after_first_batch']:.1f}% after its first batch)"
         )
         lines.append(f"scoring {results['scoring_s']:.2f} s for {results['scoring_volume_shape']}")
+    torch_result = results.get("torch_reference") or {}
+    for mode, figures in torch_result.get("modes", {}).items():
+        lines.append(
+            f"PyTorch {mode}: train {figures['train_images_per_s']:.2f} img/s (project "
+            f"{figures['project_train_speedup']:.2f}x), infer {figures['infer_images_per_s']:.2f} img/s "
+            f"(project {figures['project_infer_speedup']:.2f}x); median of {figures['rounds']} rounds"
+        )
+    if "message" in torch_result:
+        lines.append(torch_result["message"])
+    for mode, error in torch_result.get("mode_errors", {}).items() if torch_result.get("modes") else ():
+        lines.append(f"PyTorch {mode} not measured: {error}")
     lines.append(f"peak RSS {results['peak_rss_mb']:.0f} MiB")
     return lines
 
@@ -565,6 +782,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     reexec_with_hugepages(args)
+    if args.device and args.compare_torch:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", SHARED_DEVICE_MEMORY_FRACTION)
     sys.path.insert(0, str(PROJECT_ROOT))
     import jax
 

@@ -3,6 +3,9 @@
 import importlib.util
 import json
 import math
+import os
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -95,3 +98,26 @@ def test_device_peak_table(bench):
     assert bench.device_peak_gflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989_000.0
     assert bench.device_peak_gflops("NVIDIA H100 PCIe", "float32") == 51_000.0
     assert bench.device_peak_gflops("cpu", "float32") is None
+
+
+def test_compare_torch_without_torch_reports_the_project_alone(bench, quick_results, tmp_path):
+    """An interpreter that cannot import torch (site-packages off): a message, no figures."""
+    no_torch = tmp_path / "python-without-site-packages"
+    no_torch.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    no_torch.chmod(0o755)
+    args = bench.parse_args(["--quick", "--compare-torch", "--torch-python", str(no_torch)])
+    result = bench.compare_torch(args, reuse={})
+    assert result["status"] == "skipped" and not result["rounds"]
+    assert "PyTorch is not installed" in result["message"] and "the project's figures alone" in result["message"]
+    assert result["message"] in bench.summary_lines(dict(quick_results, torch_reference=result))
+
+
+def test_a_reference_that_does_not_answer_in_time_is_killed(bench, tmp_path):
+    pid_file = tmp_path / "pid"
+    hanging = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    start = time.monotonic()
+    with pytest.raises(bench.TorchReferenceError, match="no answer within 2 s"):
+        bench.TorchReference([sys.executable, "-c", hanging], timeout=2)
+    assert time.monotonic() - start < 20
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
+        os.kill(int(pid_file.read_text()), 0)
