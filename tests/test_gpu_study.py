@@ -240,11 +240,6 @@ def test_torch_reference_has_the_project_networks_parameters(torch_reference):
         ), (features, se)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scse_jax.models.unet.DoubleConv feeds conv2 the first convolution's raw output (BatchNorm and ReLU "
-    "of bn1 discarded since 444434a); the reference is the documented conv->BN->ReLU twice",
-)
 def test_torch_reference_gives_the_project_networks_logits(torch_reference):
     import torch
 

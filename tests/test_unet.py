@@ -282,3 +282,25 @@ def test_wrong_input_rank_is_a_clear_error(shape):
 def test_bad_configuration_is_a_clear_error(kwargs, field):
     with pytest.raises(ValueError, match=field):
         UNet(num_classes=2, **kwargs)
+
+
+@pytest.mark.parametrize("fast_kernel_gradient", [True, False])
+def test_a_double_conv_block_is_conv_batch_norm_relu_twice(fast_kernel_gradient):
+    from scse_jax.models.unet import DoubleConv
+
+    block = DoubleConv(6, fast_kernel_gradient=fast_kernel_gradient)
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    variables = block.init(jax.random.key(0), images, train=False)
+    # Moved running statistics, so that eval mode's normalisation is not the identity.
+    stats = jax.tree.map(lambda leaf: leaf + 0.3, variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+
+    def conv_bn_relu(x, i):
+        kernel = variables["params"][f"conv{i}"]["kernel"]
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        bn, running = variables["params"][f"bn{i}"], stats[f"bn{i}"]
+        y = (y - running["mean"]) / jnp.sqrt(running["var"] + 1e-5) * bn["scale"] + bn["bias"]
+        return jax.nn.relu(y)
+
+    expected = conv_bn_relu(conv_bn_relu(images, 1), 2)
+    np.testing.assert_allclose(block.apply(variables, images, train=False), expected, atol=1e-4, rtol=1e-4)

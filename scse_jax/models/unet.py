@@ -237,12 +237,12 @@ class DoubleConv(nn.Module):
                 self.features, use_bias=False, dtype=self.dtype, fast_kernel_gradient=self.fast_kernel_gradient,
                 name=f"conv{i}",
             )(*inputs)
-            inputs = (x,)
             x = nn.BatchNorm(
                 use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, dtype=jnp.float32,
                 name=f"bn{i}",
             )(x)
             x = nn.relu(x)
+            inputs = (x,)
         return x
 
 
