@@ -15,12 +15,13 @@ from scse_jax.data.pipeline import (
     Split,
     StreamedSliceDataset,
     augment_batch,
-    class_weights,
+    class_counts,
     iterate_batches,
     prefetch,
     split_patients,
     steps_per_epoch,
     streaming_order,
+    weights_from_counts,
 )
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import Geometry
@@ -95,6 +96,12 @@ def test_bad_split_requests_are_config_errors(patients, kwargs, message):
 
 
 # Class weights -------------------------------------------------------------------------------
+
+
+def class_weights(label_arrays, num_classes: int, method: str) -> np.ndarray:
+    """Weights of the pixels of several label maps, as the run's data readers compute them."""
+    counts = sum((class_counts(labels, num_classes) for labels in label_arrays), np.zeros(num_classes, np.int64))
+    return weights_from_counts(counts, method)
 
 
 def test_class_weights_are_inverse_frequency_summing_to_num_classes():

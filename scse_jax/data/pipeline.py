@@ -96,12 +96,6 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 CLASS_WEIGHTINGS = ("inverse_frequency", "median_frequency", "none")
 
 
-def class_weights(label_arrays: Iterable[np.ndarray], num_classes: int, method: str) -> np.ndarray:
-    """Per-class cross-entropy weights of the pixels in `label_arrays`; see `weights_from_counts`."""
-    counts = sum((class_counts(labels, num_classes) for labels in label_arrays), np.zeros(num_classes, np.int64))
-    return weights_from_counts(counts, method)
-
-
 def weights_from_counts(counts: np.ndarray, method: str) -> np.ndarray:
     """Class weights, (num_classes,) float32, from per-class pixel counts.
 
