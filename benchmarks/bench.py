@@ -7,8 +7,8 @@
     python benchmarks/bench.py --device --dtype bfloat16 --json docs/benchmarks/h100.json
     python benchmarks/bench.py --compare-torch --json OUT.json   # PyTorch reference in turns
 
-Every figure comes from the real code path: ``train.build_model``, ``train.make_optimizer``,
-``train.create_train_state``, ``train.jit_train_step`` (explicit shardings, donated state),
+Every figure comes from the real code path: ``state.build_model``, ``state.make_optimizer``,
+``state.create_train_state``, ``train.jit_train_step`` (explicit shardings, donated state),
 ``train.predict_step`` and ``inference.Segmenter``. FLOPs per image come from XLA's cost
 analysis of the compiled programs; the peak they are divided by is a dense matmul measured in
 the same run (CPU) or the chip's datasheet peak (``--device``). ``--scaling`` repeats the model
@@ -251,17 +251,18 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
     import numpy as np
 
     from scse_jax import sharding, train
+    from scse_jax.state import build_model, create_train_state, make_optimizer
     from scse_jax.data.types import CLASS_NAMES
 
     config = bench_config(args)
     num_classes = len(CLASS_NAMES)
     mesh = sharding.make_data_mesh()
     sharding.check_batch_size(args.batch, mesh)
-    model = train.build_model(config.model, num_classes)
-    tx = train.make_optimizer(config.train, steps_per_epoch=1000)
+    model = build_model(config.model, num_classes)
+    tx = make_optimizer(config.train, steps_per_epoch=1000)
 
     start = time.perf_counter()
-    state, _ = train.create_train_state(model, tx, image_size=args.size, seed=0, mesh=mesh)
+    state, _ = create_train_state(model, tx, image_size=args.size, seed=0, mesh=mesh)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
 

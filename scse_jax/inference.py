@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from scse_jax import checkpoint, postprocess, sharding
+from scse_jax.state import abstract_train_state, build_model, make_optimizer
 from scse_jax.data import pipeline, preprocess
 from scse_jax.data.types import Volume
 from scse_jax.errors import CheckpointError, ConfigError, DataError
@@ -55,8 +56,6 @@ class Segmenter:
     ):
         """``largest_component`` (None: the run's eval.largest_component) keeps each organ's
         largest connected component in native-grid results (see `postprocess`)."""
-        from scse_jax.train import build_model
-
         self.config = config
         self.largest_component = (
             config.eval.get("largest_component", False) if largest_component is None else largest_component
@@ -199,11 +198,9 @@ class Segmenter:
 
 
 def _restore_state(ckpts, step: int, meta: dict[str, Any], config: ml_collections.ConfigDict, num_classes: int):
-    from scse_jax import train
-
-    model = train.build_model(config.model, num_classes)
-    tx = train.make_optimizer(config.train, meta["steps_per_epoch"])
-    abstract = train.abstract_train_state(
+    model = build_model(config.model, num_classes)
+    tx = make_optimizer(config.train, meta["steps_per_epoch"])
+    abstract = abstract_train_state(
         model, tx, image_size=config.data.image_size, mesh=sharding.make_data_mesh(),
         channels=pipeline.input_channels(config.data),
     )

@@ -138,13 +138,14 @@ def restore_state(workdir: Path, step: int):
     import jax
     import ml_collections
 
-    from scse_jax import checkpoint, sharding, train
+    from scse_jax import checkpoint, sharding
+    from scse_jax.state import abstract_train_state, build_model, make_optimizer
 
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    model = train.build_model(config.model, num_classes=5)
-    tx = train.make_optimizer(config.train, STEPS_PER_EPOCH)
+    model = build_model(config.model, num_classes=5)
+    tx = make_optimizer(config.train, STEPS_PER_EPOCH)
     mesh = sharding.make_data_mesh(jax.devices()[:1])
-    abstract = train.abstract_train_state(model, tx, image_size=config.data.image_size, mesh=mesh)
+    abstract = abstract_train_state(model, tx, image_size=config.data.image_size, mesh=mesh)
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
     try:
         state, _ = ckpts.restore(step, abstract)

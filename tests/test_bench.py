@@ -59,11 +59,12 @@ def test_flops_count_the_whole_batch_however_many_devices_share_it(bench, quick_
 
     from configs import default
     from scse_jax import train
+    from scse_jax.state import build_model
 
     assert jax.device_count() == 8  # the quick run split its batch of 8 over 8 devices
     config = default.get_config()
     config.model.features = 4
-    model = train.build_model(config.model, 5)
+    model = build_model(config.model, 5)
     images = jnp.zeros((8, 32, 32, 1), jnp.float32)
     variables = model.init(jax.random.key(0), images[:1], train=False)
     predict = jax.jit(functools.partial(train.predict_step, model=model, probabilities=False))

@@ -204,11 +204,11 @@ def flax_variables(features: int, seed: int = 0):
     import jax.numpy as jnp
 
     from configs import default
-    from scse_jax import train
+    from scse_jax.state import build_model
 
     config = default.get_config()
     config.model.features = features
-    model = train.build_model(config.model, 5)
+    model = build_model(config.model, 5)
     images = np.random.default_rng(seed).normal(size=(2, 32, 32, 1)).astype(np.float32)
     variables = model.init(jax.random.key(seed), images, train=False)
     rng = np.random.default_rng(seed + 1)
@@ -228,12 +228,12 @@ def test_torch_reference_has_the_project_networks_parameters(torch_reference):
         import jax
 
         from configs import default
-        from scse_jax import train
+        from scse_jax.state import build_model
 
         config = default.get_config()
         config.model.features, config.model.se = features, se
         shapes = jax.eval_shape(
-            lambda: train.build_model(config.model, 5).init(jax.random.key(0), np.zeros((1, 32, 32, 1)), train=False)
+            lambda: build_model(config.model, 5).init(jax.random.key(0), np.zeros((1, 32, 32, 1)), train=False)
         )
         assert count_params(shapes["params"]) == torch_reference.count_params(
             torch_reference.UNet(features=features, se=se)

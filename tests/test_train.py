@@ -12,6 +12,7 @@ import pytest
 
 from configs import default
 from scse_jax import sharding, train
+from scse_jax.state import build_model, create_train_state, learning_rate_schedule, make_optimizer
 from scse_jax.data import pipeline
 from scse_jax.errors import CheckpointError, ConfigError
 from tests.conftest import tiny_config
@@ -89,7 +90,7 @@ def test_resume_accepts_the_same_data_root_spelt_another_way(tiny_trained_run, t
 
 def test_schedule_halves_every_four_epochs():
     config = default.get_config()
-    schedule = train.learning_rate_schedule(config.train, steps_per_epoch=3)
+    schedule = learning_rate_schedule(config.train, steps_per_epoch=3)
     assert float(schedule(0)) == pytest.approx(0.004)
     assert float(schedule(11)) == pytest.approx(0.004)  # last step of epoch 4
     assert float(schedule(12)) == pytest.approx(0.002)  # first step of epoch 5
@@ -119,7 +120,7 @@ def test_bad_config_values_are_refused_before_work(field, value, message):
 def test_sharded_step_equals_single_device_step():
     """One step over 8 devices moves every parameter as one device does (global BatchNorm)."""
     assert jax.device_count() == 8
-    model = train.build_model(_small_model_config(), 3)
+    model = build_model(_small_model_config(), 3)
     tx = optax.sgd(0.1)
     rng = np.random.default_rng(0)
     batch = {
@@ -130,7 +131,7 @@ def test_sharded_step_equals_single_device_step():
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.make_data_mesh(devices)
-        state, _ = train.create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
+        state, _ = create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
         before = jax.device_get(state.variables())
         step = train.jit_train_step(model, tx, default.get_config().train, mesh)
         state, parts = step(state, sharding.shard_batch(batch, mesh), jax.device_put(weights, sharding.replicated_sharding(mesh)))
@@ -174,9 +175,9 @@ def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
     plan = plan_run_data(config)
     data = load_run_data(config)
     assert plan.num_train_slices() == len(data.train)
-    model = train.build_model(config.model, len(plan.class_names))
-    tx = train.make_optimizer(config.train, steps_per_epoch=2)
-    state, abstract_state = train.create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
+    model = build_model(config.model, len(plan.class_names))
+    tx = make_optimizer(config.train, steps_per_epoch=2)
+    state, abstract_state = create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
     host_batches = pipeline.iterate_batches(
         data.train, batch_size=8, epoch=0, seed=0,
         augment=functools.partial(pipeline.augment_batch, modality="MR"),
