@@ -18,6 +18,7 @@ import optax
 
 from scse_jax import sharding
 from scse_jax.errors import CheckpointError
+from scse_jax.models.cpu_ops import select_conv3x3
 from scse_jax.models.unet import UNet
 
 
@@ -54,7 +55,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UN
         se_positions=tuple(model_config.se_positions),
         upsample=model_config.upsample,
         dtype=jnp.dtype(model_config.compute_dtype),
-        fast_kernel_gradient=model_config.get("fast_kernel_gradient", True),
+        conv=select_conv3x3(model_config.get("fast_kernel_gradient", True)),
     )
 
 

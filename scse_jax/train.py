@@ -27,6 +27,8 @@ from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.errors import ConfigError, RunStopped, TrainingError
 from scse_jax.data.run_data import RunData, StreamedRunData, plan_run_data
+from scse_jax.models.cpu_ops import CpuConv3x3
+from scse_jax.models.layers import Conv3x3
 from scse_jax.models.unet import UNet
 from scse_jax.run_log import RunLog, progress_line
 from scse_jax.state import (
@@ -471,13 +473,13 @@ def _train_and_evaluate(
     train_fn = jit_train_step(model, tx, config.train, mesh)
     compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
     fits, temp_gib = step_fits_in_memory(compiled, mesh.local_devices[0])
-    if model.fast_kernel_gradient and not fits:
+    if model.conv is CpuConv3x3 and not fits:
         print(
             f"The train step's fast kernel gradient needs {temp_gib:.1f} GiB of temporaries per device, more "
             f"than this machine can spare: using XLA's kernel gradient (model.fast_kernel_gradient=False)",
             flush=True,
         )
-        model = model.clone(fast_kernel_gradient=False)
+        model = model.clone(conv=Conv3x3)
         train_fn = jit_train_step(model, tx, config.train, mesh)
         compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
     class_weights = jax.device_put(

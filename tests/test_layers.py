@@ -1,4 +1,5 @@
-"""The U-Net's own layers, which replace XLA's slow CPU paths, against XLA's reference ops."""
+"""The U-Net's own layers (layers.py) and the CPU kernel gradient (cpu_ops.py), which replace
+XLA's slow CPU paths, against XLA's reference ops."""
 
 from unittest import mock
 
@@ -11,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from scse_jax.models import unet
-from scse_jax.models.unet import Conv3x3, conv3x3, max_pool2x2, upsample2x_bilinear
+from scse_jax.models import cpu_ops
+from scse_jax.models.cpu_ops import CpuConv3x3
+from scse_jax.models.cpu_ops import conv3x3_with_kernel_gradient_by_shifts as conv3x3
+from scse_jax.models.layers import Conv3x3, max_pool2x2, upsample2x_bilinear
 
 
 @pytest.mark.parametrize("channels", [(1, 4), (6, 5)])
@@ -43,8 +46,8 @@ def test_unet_gradients_are_the_same_with_either_kernel_gradient():
     from scse_jax.models.unet import UNet
 
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 1)), jnp.float32)
-    fast_model = UNet(num_classes=3, features=2, se="scse")
-    xla_model = UNet(num_classes=3, features=2, se="scse", fast_kernel_gradient=False)
+    fast_model = UNet(num_classes=3, features=2, se="scse", conv=CpuConv3x3)
+    xla_model = UNet(num_classes=3, features=2, se="scse")
     variables = fast_model.init(jax.random.key(0), x, train=False)
 
     def grads(model):
@@ -70,18 +73,19 @@ def test_kernel_gradient_is_exact_however_many_partial_sums(cores):
     reference = jax.grad(
         lambda k: jnp.sum(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) * probe)
     )(kernel)
-    with mock.patch.object(unet.os, "cpu_count", return_value=cores):
-        chunks = unet._kernel_gradient_chunks(2 * 8 * 10)
+    with mock.patch.object(cpu_ops.os, "cpu_count", return_value=cores):
+        chunks = cpu_ops.kernel_gradient_chunks(2 * 8 * 10)
         fast = jax.grad(lambda k: jnp.sum(conv3x3(x, k) * probe))(kernel)
     assert chunks >= 1 and (2 * 8 * 10) % chunks == 0 and chunks <= max(cores, 1)
     np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_conv3x3_of_several_inputs_equals_the_convolution_of_their_concatenation():
+@pytest.mark.parametrize("module", [Conv3x3, CpuConv3x3])
+def test_conv3x3_of_several_inputs_equals_the_convolution_of_their_concatenation(module):
     rng = np.random.default_rng(4)
     a = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(2, 8, 8, 5)), jnp.float32)
-    layer = Conv3x3(6)
+    layer = module(6)
     variables = layer.init(jax.random.key(0), a, b)
     assert variables["params"]["kernel"].shape == (3, 3, 8, 6)
     joined = jnp.concatenate([a, b], axis=-1)
@@ -117,3 +121,24 @@ def test_max_pool2x2_shares_the_gradient_of_tied_maxima():
     x = jnp.zeros((1, 2, 2, 1))
     grad = jax.grad(lambda x: jnp.sum(max_pool2x2(x)))(x)
     np.testing.assert_allclose(grad, np.full((1, 2, 2, 1), 0.25))
+
+
+def test_the_cpu_convolution_is_chosen_only_on_the_cpu_and_only_when_asked(monkeypatch):
+    assert cpu_ops.select_conv3x3(False) is Conv3x3
+    monkeypatch.setattr(cpu_ops.jax, "default_backend", lambda: "cpu")
+    assert cpu_ops.select_conv3x3(True) is CpuConv3x3
+    monkeypatch.setattr(cpu_ops.jax, "default_backend", lambda: "gpu")
+    assert cpu_ops.select_conv3x3(True) is Conv3x3
+
+
+def test_either_convolution_restores_the_others_parameters():
+    from scse_jax.models.unet import UNet
+
+    x = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
+
+    def shapes(conv):
+        model = UNet(num_classes=2, features=2, se="scse", conv=conv)
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+        return jax.tree.map(jnp.shape, variables)
+
+    assert shapes(CpuConv3x3) == shapes(Conv3x3)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from scse_jax.models import summary
-from scse_jax.models.unet import SE_KINDS, SE_POSITIONS, UNet, count_params
+from scse_jax.models.cpu_ops import CpuConv3x3
+from scse_jax.models.layers import Conv3x3
+from scse_jax.models.unet import DEFAULT_SE_POSITIONS, SE_KINDS, SE_POSITIONS, UNet, count_params
 
 
 def double_conv_params(cin: int, cout: int) -> int:
@@ -26,7 +28,7 @@ def se_params(kind: str, channels: int, reduction: int) -> int:
 
 def expected_params(
     *, features, in_channels, num_classes, upsample="bilinear", se="none", reduction=2,
-    positions=SE_POSITIONS,
+    positions=DEFAULT_SE_POSITIONS,
 ):
     """Trainable parameters of the architecture described in the UNet docstring."""
     widths = [features * 2**level for level in range(4)]
@@ -170,7 +172,7 @@ def test_count_params():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    model = UNet(num_classes=2, features=4, se="scse", dtype=jnp.bfloat16)
+    model = UNet(num_classes=2, features=4, se="scse", se_positions=SE_POSITIONS, dtype=jnp.bfloat16)
     x = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
@@ -284,11 +286,11 @@ def test_bad_configuration_is_a_clear_error(kwargs, field):
         UNet(num_classes=2, **kwargs)
 
 
-@pytest.mark.parametrize("fast_kernel_gradient", [True, False])
-def test_a_double_conv_block_is_conv_batch_norm_relu_twice(fast_kernel_gradient):
+@pytest.mark.parametrize("conv", [Conv3x3, CpuConv3x3], ids=lambda conv: conv.__name__)
+def test_a_double_conv_block_is_conv_batch_norm_relu_twice(conv):
     from scse_jax.models.unet import DoubleConv
 
-    block = DoubleConv(6, fast_kernel_gradient=fast_kernel_gradient)
+    block = DoubleConv(6, conv=conv)
     images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     variables = block.init(jax.random.key(0), images, train=False)
     # Moved running statistics, so that eval mode's normalisation is not the identity.
@@ -304,3 +306,13 @@ def test_a_double_conv_block_is_conv_batch_norm_relu_twice(fast_kernel_gradient)
 
     expected = conv_bn_relu(conv_bn_relu(images, 1), 2)
     np.testing.assert_allclose(block.apply(variables, images, train=False), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unet_defaults_agree_with_the_default_config():
+    from configs import default
+
+    model_config = default.get_config().model
+    model = UNet(num_classes=2)
+    assert tuple(model.se_positions) == tuple(model_config.se_positions) == summary.REPORT_SE_POSITIONS
+    for field in ("features", "se_reduction", "se_aggregation", "upsample"):
+        assert getattr(model, field) == model_config[field], field

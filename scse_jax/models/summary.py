@@ -13,11 +13,19 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from scse_jax.models.unet import DEPTH, SE_KINDS, SE_POSITIONS, UPSAMPLINGS, UNet, count_params
+from scse_jax.models.unet import (
+    DEFAULT_SE_POSITIONS,
+    DEPTH,
+    SE_KINDS,
+    SE_POSITIONS,
+    UPSAMPLINGS,
+    UNet,
+    count_params,
+)
 
-# The capstone report's network puts SE blocks after encoder and decoder blocks only; its
-# "about 2%" overhead refers to that placement.
-REPORT_SE_POSITIONS = ("encoder", "decoder")
+# The capstone report's network puts SE blocks after encoder and decoder blocks only (UNet's
+# default); its "about 2%" overhead refers to that placement.
+REPORT_SE_POSITIONS = DEFAULT_SE_POSITIONS
 
 
 def unet_param_count(
