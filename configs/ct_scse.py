@@ -1,4 +1,4 @@
-"""CT liver: U-Net with scSE blocks (max-out) after every block.
+"""CT liver: U-Net with scSE blocks (max-out) after each encoder and decoder block.
 
     python launch.py --config configs/ct_scse.py --config.data.root=/data/CHAOS_Train_Sets/Train_Sets
 """

@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.se_positions = ("encoder", "decoder")  # blocks followed by an SE block; the report's ~2% overhead
     model.upsample = "bilinear"  # decoder upsampling: "bilinear" or "transpose"
     model.compute_dtype = "float32"  # "float32" or "bfloat16" (parameters stay float32)
-    # Faster CPU training for more memory; a step whose temporaries would not fit in 3/4 of the
-    # memory falls back to XLA's kernel gradient by itself (512 px, batch 20 on 24 GB).
+    # Faster CPU training for more memory (models/cpu_ops.py); a step whose temporaries would not
+    # fit in 3/4 of the memory falls back to XLA's kernel gradient by itself.
     model.fast_kernel_gradient = True
 
     config.train = train = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
-"""MR T2-SPIR liver, kidneys and spleen: U-Net with scSE blocks (max-out) after every block.
+"""MR T2-SPIR liver, kidneys and spleen: U-Net with scSE blocks (max-out) after each encoder
+and decoder block.
 
     python launch.py --config configs/mr_scse.py --config.data.root=/data/CHAOS_Train_Sets/Train_Sets
 

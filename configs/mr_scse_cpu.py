@@ -4,7 +4,7 @@
 
 It differs from the report's recipe (configs/mr_scse.py) where held-out patients said so
 (docs/results/recipe.md): plain cross entropy + Dice instead of inverse-frequency class
-weights, which made every organ 1.3-3.6x too large; more, smaller Adam steps at a lower rate;
+weights, which made every organ too large; more, smaller Adam steps at a lower rate;
 128 px; each organ's largest connected component kept. The plain U-Net twin is
 configs/mr_unet_cpu.py.
 """
