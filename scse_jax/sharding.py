@@ -54,9 +54,8 @@ def use_cpu_devices(count: int) -> None:
     """Splits the CPU into `count` JAX devices, each running its share of every batch.
 
     XLA:CPU runs one program at a time per device, and many of this U-Net's layers keep only
-    part of a multi-core CPU busy; two devices on a 2-core EPYC ran inference 1.4x and the train
-    step up to 1.3x faster than one (benchmarks/README.md). No effect on accelerators. Must run
-    before any JAX computation.
+    part of a multi-core CPU busy, so two halves of a batch on two devices overlap (measured in
+    benchmarks/README.md). No effect on accelerators. Must run before any JAX computation.
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"the CPU device count must be a positive integer, got {count!r}")
