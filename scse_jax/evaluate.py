@@ -59,14 +59,6 @@ def sorted_files(folder: Path | str, suffix: str) -> list[Path]:
     return files
 
 
-def read_modality(dicom_file: Path) -> str:
-    """The DICOM Modality of a series' file: "CT" or "MR"."""
-    modality = str(dicom.read_header(dicom_file).get("Modality", "")).upper()
-    if modality not in ("CT", "MR"):
-        raise DataError(f"{dicom_file}: Modality {modality!r} is neither CT nor MR")
-    return modality
-
-
 def task_class_ids(modality: str) -> tuple[int, ...]:
     """The class ids scored for a modality: the liver for CT, four organs for MR."""
     return (1,) if modality == "CT" else tuple(range(1, len(CLASS_NAMES)))
@@ -89,7 +81,7 @@ def evaluate_png_series(
             raise DataError(
                 f"{folder}: {count} {what} PNGs but {len(dicom_files)} DICOM files in {dicom_dir}"
             )
-    modality = read_modality(dicom_files[0])
+    modality = dicom.read_modality(dicom_files[0])
     voxels, geometry = dicom.read_series(dicom_files)
     dicom_shape = voxels.shape[1:]
     ground = read_ground(ground_files, modality)

@@ -561,3 +561,20 @@ def test_dicom_case_labels_alone_equal_those_of_the_whole_case(tree):
     case.label_files[-1].unlink()
     with pytest.raises(DataError, match="DICOM files but"):
         chaos.load_labels(chaos.find_cases(tree)[0])
+
+
+def test_patient_order_puts_numeric_ids_in_numeric_order_before_the_others():
+    from scse_jax.data.types import patient_order
+
+    assert sorted(["b", "10", "2", "a", "1"], key=patient_order) == ["1", "2", "10", "a", "b"]
+
+
+def test_read_modality_names_the_file_of_a_series_that_is_neither_ct_nor_mr(tiny_tree, tmp_path):
+    first_ct = sorted((ct_dir(tiny_tree) / "DICOM_anon").iterdir())[0]
+    assert dicom.read_modality(first_ct) == "CT"
+    dataset = pydicom.dcmread(first_ct)
+    dataset.Modality = "US"
+    path = tmp_path / "us.dcm"
+    dataset.save_as(path)
+    with pytest.raises(DataError, match=r"us\.dcm: Modality 'US' is neither CT nor MR"):
+        dicom.read_modality(path)

@@ -143,3 +143,13 @@ def test_a_concurrent_writer_keeps_the_first_complete_tree(tmp_path, monkeypatch
     assert write_synthetic_chaos(out, patients=1, slices=2, size=32, modalities=("CT",)) == out
     assert [c.key for c in chaos.find_cases(out)] == ["CT_1_CT"]
     assert list(tmp_path.iterdir()) == [out]  # the loser's staging folder is gone
+
+
+def test_synthetic_mr_ground_truth_uses_the_chaos_gray_values(tmp_path):
+    from scse_jax.data import labels
+    from scse_jax.data.synthetic import write_synthetic_chaos
+
+    root = write_synthetic_chaos(tmp_path / "tree", patients=1, slices=4, size=32)
+    pngs = sorted((root / "MR").glob("*/T2SPIR/Ground/*.png"))
+    grays = np.unique(np.concatenate([labels.read_png_gray(p).ravel() for p in pngs]))
+    assert set(grays.tolist()) <= {0, *labels.CHAOS_GRAY.values()} and len(grays) > 1

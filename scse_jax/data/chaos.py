@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from scse_jax.data import dicom, labels, nifti
-from scse_jax.data.types import SEQUENCES, Case, Volume
+from scse_jax.data.types import SEQUENCES, Case, Volume, patient_order
 from scse_jax.errors import ConfigError, DataError
 
 _T1_PHASES = (("InPhase", "T1DUAL_InPhase"), ("OutPhase", "T1DUAL_OutPhase"))
@@ -130,7 +130,7 @@ def _find_tree(root: Path) -> list[Case]:
 
 def _patient_dirs(folder: Path) -> list[Path]:
     dirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(dirs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+    return sorted(dirs, key=lambda p: patient_order(p.name))
 
 
 def _mr_patient(patient_dir: Path, patient: str) -> list[Case]:
@@ -163,21 +163,9 @@ def _find_case_folder(case_dir: Path) -> list[Case]:
     if phases:
         return _t1dual_cases(case_dir, patient)
     images = dicom.series_files(case_dir / "DICOM_anon")
-    modality = _modality(images[0])
+    modality = dicom.read_modality(images[0])
     sequence = "CT" if modality == "CT" else "T2SPIR"
     return [_paired_case(patient, modality, sequence, images, _ground_files(case_dir), case_dir)]
-
-
-def _modality(path: Path) -> str:
-    try:
-        modality = str(dicom.read_header(path).get("Modality", "")).strip().upper()
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
-    if modality not in ("CT", "MR"):
-        raise DataError(f"{path}: Modality {modality!r} is neither CT nor MR")
-    return modality
 
 
 def _dicom_case(case_dir: Path, patient: str, modality: str, sequence: str) -> Case:

@@ -65,6 +65,19 @@ def read_header(path: Path | str) -> pydicom.Dataset:
     return _read(Path(path), stop_before_pixels=True)
 
 
+def read_modality(path: Path | str) -> str:
+    """The DICOM Modality of a series' file: "CT" or "MR"; DataError otherwise."""
+    try:
+        modality = str(read_header(path).get("Modality", "")).strip().upper()
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: malformed DICOM header ({type(exc).__name__}: {exc})") from exc
+    if modality not in ("CT", "MR"):
+        raise DataError(f"{path}: Modality {modality!r} is neither CT nor MR")
+    return modality
+
+
 def read_series(files: Sequence[Path | str]) -> tuple[np.ndarray, Geometry]:
     """Reads slices, in the given order, as (slices, rows, cols) float32 and their Geometry.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from scse_jax.data import limits
-from scse_jax.data.types import CLASS_NAMES, Case, Geometry, Volume
+from scse_jax.data.types import CLASS_NAMES, Case, Geometry, Volume, patient_order
 from scse_jax.errors import DataError
 
 MAX_FILE_BYTES = 1024 * 2**20
@@ -52,7 +52,7 @@ def find_cases(folder: Path) -> list[Case]:
     if orphans:
         raise DataError(f"{labels[orphans[0]]}: label without a matching image_{orphans[0]} file")
     cases = []
-    for pid in sorted(images, key=_numeric_first):
+    for pid in sorted(images, key=patient_order):
         label_files = (labels[pid],) if pid in labels else ()
         cases.append(Case(pid, "MR", "T2SPIR", (images[pid],), label_files, "nifti"))
     return cases
@@ -104,10 +104,6 @@ def _nifti_files(folder: Path, prefix: str) -> list[Path]:
         p for p in folder.iterdir()
         if p.is_file() and p.name.startswith(prefix) and p.name.endswith((".nii", ".nii.gz"))
     )
-
-
-def _numeric_first(pid: str):
-    return (0, int(pid), "") if pid.isdigit() else (1, 0, pid)
 
 
 def _load(path: Path):

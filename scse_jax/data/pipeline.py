@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from scse_jax.data.preprocess import PreparedCase
+from scse_jax.data.types import patient_order
 from scse_jax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
@@ -34,11 +35,6 @@ class Split:
     test: tuple[str, ...]
 
 
-def _patient_order(patient: str) -> tuple:
-    """Numeric ids in numeric order ("2" before "10"), other ids after them."""
-    return (0, int(patient), patient) if patient.isdigit() else (1, 0, patient)
-
-
 def split_patients(
     patients: Iterable[str], *, num_folds: int = 5, fold: int = 0, num_val: int = 1, seed: int = 0
 ) -> Split:
@@ -51,7 +47,7 @@ def split_patients(
     """
     patients = [str(p) for p in patients]
     counts = collections.Counter(patients)
-    duplicates = sorted((p for p, n in counts.items() if n > 1), key=_patient_order)
+    duplicates = sorted((p for p, n in counts.items() if n > 1), key=patient_order)
     if duplicates:
         raise ConfigError(f"patient ids must be unique; repeated: {duplicates}")
     if num_folds < 1:
@@ -62,7 +58,7 @@ def split_patients(
         raise ConfigError(f"num_val must be >= 0, got {num_val}")
     if len(patients) < num_folds:
         raise ConfigError(f"{len(patients)} patients cannot fill {num_folds} folds")
-    ordered = sorted(patients, key=_patient_order)
+    ordered = sorted(patients, key=patient_order)
     shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
     folds = [list(f) for f in np.array_split(np.array(shuffled, dtype=object), num_folds)]
     if num_folds == 1:
@@ -77,7 +73,7 @@ def split_patients(
         )
 
     def ordered_tuple(ids):
-        return tuple(sorted(ids, key=_patient_order))
+        return tuple(sorted(ids, key=patient_order))
 
     return Split(
         train=ordered_tuple(rest[num_val:]), val=ordered_tuple(rest[:num_val]), test=ordered_tuple(test)

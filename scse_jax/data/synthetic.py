@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
-from scse_jax.data.labels import CHAOS_GRAY
+from scse_jax.data import labels
 from scse_jax.errors import ConfigError, DataError
 
 # Tissue codes of the phantom; organs map to class ids through _TISSUE_CLASS.
@@ -284,18 +284,13 @@ def _write_patient(root: Path, modality: str, number: int, *, slices: int, size:
     bias = _bias_field(rng, slices, size)
     t2 = _Series(seed, modality, patient, "T2SPIR", 2, pixel_mm, step_mm, size)
     _write_dicoms(root / "MR" / patient / "T2SPIR" / "DICOM_anon", t2, _mr_intensities(tissue, "T2SPIR", bias, rng), _mr_name(2, 1))
-    _write_ground(root / "MR" / patient / "T2SPIR" / "Ground", CHAOS_GRAY_LOOKUP[class_ids], _mr_png_name(2, 1))
+    _write_ground(root / "MR" / patient / "T2SPIR" / "Ground", labels.class_ids_to_gray(class_ids), _mr_png_name(2, 1))
     t1_dir = root / "MR" / patient / "T1DUAL"
     for phase, first_instance in (("InPhase", 2), ("OutPhase", 1)):
         series = _Series(seed, modality, patient, f"T1DUAL_{phase}", 4, pixel_mm, step_mm, size)
         pixels = _mr_intensities(tissue, f"T1DUAL_{phase}", bias, rng)
         _write_dicoms(t1_dir / "DICOM_anon" / phase, series, pixels, _mr_name(4, first_instance, stride=2))
-    _write_ground(t1_dir / "Ground", CHAOS_GRAY_LOOKUP[class_ids], _mr_png_name(4, 2, stride=2))
-
-
-CHAOS_GRAY_LOOKUP = np.zeros(256, dtype=np.uint8)
-for _class_id, _gray in CHAOS_GRAY.items():
-    CHAOS_GRAY_LOOKUP[_class_id] = _gray
+    _write_ground(t1_dir / "Ground", labels.class_ids_to_gray(class_ids), _mr_png_name(4, 2, stride=2))
 
 
 def _ct_name(k: int) -> str:

@@ -15,6 +15,11 @@ CLASS_NAMES = ("background", "liver", "right_kidney", "left_kidney", "spleen")
 SEQUENCES = ("CT", "T2SPIR", "T1DUAL_InPhase", "T1DUAL_OutPhase")
 
 
+def patient_order(patient: str) -> tuple:
+    """Sort key of patient ids: numeric ids in numeric order ("2" before "10"), others after."""
+    return (0, int(patient), patient) if patient.isdigit() else (1, 0, patient)
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Where voxels of a (slices, rows, cols) array lie in patient space.
