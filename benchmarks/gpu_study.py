@@ -66,11 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--study-seeds", default="0", help="training seeds, e.g. 0,1")
     parser.add_argument("--study-epochs", type=int, default=30)
     parser.add_argument("--study-size", type=int, default=256, help="training grid in pixels")
-    parser.add_argument("--study-set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="another experiment --set override (repeatable)")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: bench,study")
     parser.add_argument("--python", default=sys.executable, help="the interpreter for every part")
-    args = parser.parse_args(argv)
+    parser.epilog = "--config.FIELD=VALUE (repeatable): another override for the study, as experiment takes it"
+    args, unknown = parser.parse_known_args(argv)
+    args.study_overrides = [argument for argument in unknown if argument.startswith("--config.")]
+    if len(args.study_overrides) < len(unknown):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if a not in args.study_overrides)}")
     if args.budget is None:
         args.budget = 1800.0 if args.dry_run else 540.0
     if args.bench_timeout is None:
@@ -179,7 +181,7 @@ def study_overrides(args: argparse.Namespace) -> list[str]:
             "data.synthetic_patients=4", "data.synthetic_size=32", "data.synthetic_slices=4"]
     else:
         overrides += [f"data.image_size={args.study_size}", f"train.num_epochs={args.study_epochs}"]
-    return overrides + list(args.study_set)
+    return [f"--config.{override}" for override in overrides] + args.study_overrides
 
 
 def study_command(args: argparse.Namespace, *, report_only: bool = False) -> list[str]:
@@ -188,9 +190,7 @@ def study_command(args: argparse.Namespace, *, report_only: bool = False) -> lis
         command += ["--config", config]
     command += ["--out", str(study_dir(args)), "--folds", str(2 if args.dry_run else args.study_folds),
                 "--seeds", "0" if args.dry_run else args.study_seeds]
-    for override in study_overrides(args):
-        command += ["--set", override]
-    return command + ["--report-only"] * report_only
+    return command + study_overrides(args) + ["--report-only"] * report_only
 
 
 def part_env(args: argparse.Namespace) -> dict[str, str]:

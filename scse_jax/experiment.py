@@ -1,7 +1,7 @@
 """Trains and scores several configs over the same patient-wise folds and seeds, and compares them.
 
     python -m scse_jax.experiment --config configs/mr_unet_cpu.py --config configs/mr_scse_cpu.py \\
-        --out runs/mr_study --folds 5 --seeds 0,1 --set data.root=../shared/data/chaos_mr_t2
+        --out runs/mr_study --folds 5 --seeds 0,1 --config.data.root=../shared/data/chaos_mr_t2
 
 Each (config, seed, fold) run lives in ``<out>/<config name>/seed<s>/fold<k>`` and is
 resumable: a study started again with the same command skips finished runs (those with
@@ -11,15 +11,14 @@ Test patients are scored with and without keeping each organ's largest connected
 At the end it writes ``results.md`` (mean +- std over held-out patients and seeds per organ,
 per-seed means, post-processing on/off, a paired test), ``results.csv`` (every patient, organ,
 seed and post-processing), ``loss_curves.png`` and side-by-side overlays; ``--report-only``
-writes them from the runs finished so far, marked partial.
+writes them from the runs finished so far, marked partial. Overrides (``--config.field=value``,
+as launch.py takes them) apply to every config.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import importlib.util
 import json
 import math
 import shlex
@@ -30,46 +29,10 @@ import ml_collections
 import numpy as np
 
 from scse_jax import evaluate, files, plots, sharding, train
+from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
 SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
-
-
-def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file, as ``launch.py --config`` would load it."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    project_root = str(path.parent.parent)
-    if project_root not in sys.path:
-        sys.path.insert(0, project_root)  # configs import configs.default
-    spec = importlib.util.spec_from_file_location(f"_experiment_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
-    """Applies ``group.field=value`` (a Python literal, or else a string) to a config."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected group.field=value")
-    key, text = assignment.split("=", 1)
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    *groups, name = key.split(".")
-    node = config
-    try:
-        for group in groups:
-            node = node[group]
-        if name not in node:
-            raise KeyError(name)
-        node[name] = value
-    except (KeyError, AttributeError) as error:
-        raise ConfigError(f"--set {key}: no such config field") from error
-    except TypeError as error:
-        raise ConfigError(f"--set {key}={text}: {error}") from error
 
 
 # Test scores are written with and without post-processing, so a study measures both.
@@ -224,8 +187,7 @@ def load_study_configs(config_paths: list[str], overrides: list[str], folds: int
     configs = {}
     for name, path in zip(names, config_paths):
         config = load_config_file(path)
-        for assignment in overrides:
-            apply_override(config, assignment)
+        apply_overrides(config, overrides)
         config.data.num_folds = folds
         train.validate_config(config)
         configs[name] = config
@@ -277,7 +239,7 @@ def run_study(
     command = "python -m scse_jax.experiment " + " ".join(
         [f"--config {p}" for p in config_paths]
         + [f"--out {out}", f"--folds {folds}", f"--seeds {','.join(map(str, seeds))}"]
-        + [f"--set {shlex.quote(o)}" for o in overrides]
+        + [shlex.quote(o) for o in overrides]
     )
     title = "# Patient-wise cross-validation" + (" (partial)" if missing else "")
     report = [title, "", f"Reproduce: `{command}`", ""]
@@ -343,12 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="study folder (resumable)")
     parser.add_argument("--folds", type=int, default=5, help="patient-wise folds")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every config")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument(
         "--cpu-devices", type=int, default=0, help="split the CPU into this many JAX devices (as launch.py --cpu_devices)"
     )
-    args = parser.parse_args(argv)
+    parser.epilog = "--config.FIELD=VALUE (repeatable): an override for every config, as launch.py takes it"
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [argument for argument in unknown if is_override(argument)]
+    if len(overrides) < len(unknown):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if not is_override(a))}")
     try:
         if args.cpu_devices:
             sharding.use_cpu_devices(args.cpu_devices)
@@ -358,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             raise ConfigError(f"--out {args.out}: cannot create the study folder ({error.strerror or error})") from error
         print(run_study(
-            args.config, args.out, folds=args.folds, seeds=seeds, overrides=args.set, report_only=args.report_only
+            args.config, args.out, folds=args.folds, seeds=seeds, overrides=overrides, report_only=args.report_only
         ))
     except RunStopped as stopped:
         print(f"{stopped}; the same experiment command resumes the study", file=sys.stderr)

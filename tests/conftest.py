@@ -38,9 +38,11 @@ def mr_t2_dir() -> Path:
     return MR_T2
 
 
-def tiny_config(data_root, cache_dir, **overrides):
-    """A run small enough to train in seconds: 32 px, width 4, batches of 8 (one per fake device)."""
+def tiny_config(data_root, cache_dir, *overrides):
+    """A run small enough to train in seconds: 32 px, width 4, batches of 8 (one per fake device),
+    then `overrides` (``--config.field=value``)."""
     from configs import default
+    from scse_jax.config_files import apply_overrides
 
     config = default.get_config()
     config.data.root = str(data_root)
@@ -54,9 +56,7 @@ def tiny_config(data_root, cache_dir, **overrides):
     config.train.log_every_steps = 1
     config.eval.batch_size = 8
     config.eval.num_overlays = 1
-    for dotted, value in overrides.items():
-        group, name = dotted.split("__")
-        config[group][name] = value
+    apply_overrides(config, overrides)
     return config
 
 

@@ -15,8 +15,8 @@ CONFIGS = ["configs/mr_unet.py", "configs/mr_scse.py"]
 def study_settings(tiny_data):
     root, cache = tiny_data
     return [
-        f"data.root={root}", f"data.cache_dir={cache}", "data.image_size=32", "model.features=4",
-        "train.batch_size=8", "eval.batch_size=8",
+        f"--config.data.root={root}", f"--config.data.cache_dir={cache}", "--config.data.image_size=32",
+        "--config.model.features=4", "--config.train.batch_size=8", "--config.eval.batch_size=8",
     ]
 
 
@@ -41,8 +41,7 @@ def test_a_stopped_run_is_not_scored_and_the_next_call_resumes_it(tmp_path, stud
         raise RunStopped("SIGTERM received: saved step 3")
 
     monkeypatch.setattr(train, "train_and_evaluate", stopped)
-    code = experiment.main(["--config", CONFIGS[0], "--out", str(tmp_path), "--folds", "4", *sum(
-        (["--set", s] for s in study_settings), [])])
+    code = experiment.main(["--config", CONFIGS[0], "--out", str(tmp_path), "--folds", "4", *study_settings])
     assert code == 1
     assert not list(tmp_path.rglob("test_scores.csv")) and not (tmp_path / "results.md").exists()
 

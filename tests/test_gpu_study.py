@@ -176,9 +176,9 @@ def test_commands_of_the_gpu_run_and_of_the_dry_run(gpu_study, tmp_path):
     assert bench[bench.index("--torch-modes") + 1] == "eager,compile"
     study = gpu_study.study_command(args)
     assert study[study.index("--folds") + 1] == "5"
-    assert {f"data.root={tmp_path.resolve()}", "data.image_size=256", "train.num_epochs=30"} <= set(study)
+    assert {f"--config.data.root={tmp_path.resolve()}", "--config.data.image_size=256", "--config.train.num_epochs=30"} <= set(study)
     dry = gpu_study.parse_args([str(tmp_path / "out"), "--dry-run", "--data", str(tmp_path)])
-    assert "data.max_patients=4" in gpu_study.study_command(dry) and "--device" not in gpu_study.bench_command(
+    assert "--config.data.max_patients=4" in gpu_study.study_command(dry) and "--device" not in gpu_study.bench_command(
         dry, "float32", tmp_path / "b.json")
     assert gpu_study.study_command(dry, report_only=True)[-1] == "--report-only"
 

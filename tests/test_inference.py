@@ -114,7 +114,7 @@ def test_a_model_trained_on_neighbouring_slices_reads_them_from_the_volume(tiny_
     from scse_jax.data import pipeline
 
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train.train_and_evaluate(tiny_config(*tiny_data, data__context_slices=1), tmp_path / "run")
+        summary = train.train_and_evaluate(tiny_config(*tiny_data, "--config.data.context_slices=1"), tmp_path / "run")
     assert 0.0 <= summary["dice_mean"] <= 1.0
     segmenter = Segmenter.from_checkpoint(tmp_path / "run")
     assert segmenter.variables["params"]["enc1"]["conv1"]["kernel"].shape[-2] == 3

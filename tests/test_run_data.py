@@ -37,7 +37,7 @@ def test_streamed_data_equals_the_data_prepared_whole(tiny_data):
 
 @pytest.mark.parametrize("weighting", pipeline.CLASS_WEIGHTINGS)
 def test_training_weighs_classes_as_the_config_says(tiny_data, weighting, capsys):
-    config = tiny_config(*tiny_data, train__class_weighting=weighting)
+    config = tiny_config(*tiny_data, f"--config.train.class_weighting={weighting}")
     plan = plan_run_data(config)
     whole = prepare_run_data(plan, config)
     counts = pipeline.class_counts(whole.train.labels, len(plan.class_names))
@@ -52,7 +52,7 @@ def test_training_weighs_classes_as_the_config_says(tiny_data, weighting, capsys
 
 
 def test_the_first_batch_trains_before_the_last_case_is_read(tiny_data, tmp_path, monkeypatch):
-    config = tiny_config(tiny_data[0], tmp_path / "cold_cache", train__batch_size=4)
+    config = tiny_config(tiny_data[0], tmp_path / "cold_cache", "--config.train.batch_size=4")
     plan = plan_run_data(config)
     release = threading.Event()
     load_case = chaos.load_case

@@ -47,11 +47,11 @@ def test_one_epoch_leaves_every_artefact(tiny_trained_run):
 
 def test_resume_continues_and_matches_an_uninterrupted_run(tiny_trained_run, tiny_data, tmp_path, capsys):
     straight = tmp_path / "straight"
-    train.train_and_evaluate(tiny_config(*tiny_data, train__num_epochs=2), straight)
+    train.train_and_evaluate(tiny_config(*tiny_data, "--config.train.num_epochs=2"), straight)
     resumed = tmp_path / "resumed"
     shutil.copytree(tiny_trained_run[0], resumed)
     capsys.readouterr()
-    train.train_and_evaluate(tiny_config(*tiny_data, train__num_epochs=2), resumed)
+    train.train_and_evaluate(tiny_config(*tiny_data, "--config.train.num_epochs=2"), resumed)
     assert "Resuming from step" in capsys.readouterr().out
     epochs = [(r["split"], r["epoch"]) for r in read_metrics(resumed)]
     assert epochs == [("train", 1), ("val", 1), ("train", 2), ("val", 2)]
@@ -65,9 +65,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_trained_run, tin
 def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
     shutil.copytree(tiny_trained_run[0], tmp_path / "run")
     with pytest.raises(CheckpointError, match="model.features: checkpoint 4 vs config 8"):
-        train.train_and_evaluate(tiny_config(*tiny_data, model__features=8), tmp_path / "run")
+        train.train_and_evaluate(tiny_config(*tiny_data, "--config.model.features=8"), tmp_path / "run")
     with pytest.raises(CheckpointError, match="data.image_size: checkpoint 32 vs config 48"):
-        train.train_and_evaluate(tiny_config(*tiny_data, data__image_size=48), tmp_path / "run")
+        train.train_and_evaluate(tiny_config(*tiny_data, "--config.data.image_size=48"), tmp_path / "run")
 
 
 @pytest.mark.parametrize("field, value", [("data__fold", 1), ("data__split_seed", 3), ("data__num_folds", 5)])
