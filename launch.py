@@ -34,9 +34,9 @@ def main(argv):
         sharding.stop_with_parent()
     elif sharding.is_multi_process(config.distributed):
         sys.exit(sharding.supervise([sys.executable, *sys.orig_argv[1:]]))
-    from scse_jax import train
+    from scse_jax import compilation, train
 
-    train.use_compilation_cache(config.data)
+    compilation.use_compilation_cache(config.data)
     try:
         if _CPU_DEVICES.value:
             sharding.use_cpu_devices(_CPU_DEVICES.value)

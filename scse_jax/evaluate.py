@@ -30,6 +30,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,14 +142,37 @@ def score_prediction(prediction: np.ndarray, case, class_names: Sequence[str]) -
     return rows
 
 
-def score_prepared_cases(segmenter, cases) -> tuple[list[dict], dict[str, object]]:
-    """Segments prepared cases and scores them on their native grid; returns rows and predictions."""
+def score_cases(cases, predict_native, class_names: Sequence[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Predicts prepared cases on their native grid with ``predict_native(case)`` and scores them
+    (`score_prediction`); returns the rows and the predictions by case key."""
     rows, predictions = [], {}
     for case in cases:
-        labels = segmenter.segment_to_native(case.images, case.native_shape[1:])
+        labels = predict_native(case)
         predictions[case.case_key] = labels
-        rows += score_prediction(labels, case, segmenter.class_names)
+        rows += score_prediction(labels, case, class_names)
     return rows, predictions
+
+
+def summarise_rows(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict[str, Any]:
+    """Per-organ means of Dice, Jaccard and predicted / true volume over cases; the means of
+    Dice and Jaccard over organs."""
+    summary: dict[str, Any] = {"dice": {}, "jaccard": {}, "volume_ratio": {}}
+    for organ in class_names[1:]:
+        organ_rows = [row for row in rows if row["organ"] == organ]
+        for metric in summary:
+            summary[metric][organ] = float(np.mean([row[metric] for row in organ_rows])) if organ_rows else math.nan
+    summary["dice_mean"] = float(np.nanmean(list(summary["dice"].values())))
+    summary["jaccard_mean"] = float(np.nanmean(list(summary["jaccard"].values())))
+    return summary
+
+
+def dice_table(summary: Mapping[str, Any]) -> str:
+    """A small text table of per-organ Dice and Jaccard and their means (`summarise_rows`)."""
+    lines = [f"{'organ':<14}{'dice':>8}{'jaccard':>10}"]
+    for organ, dice in summary["dice"].items():
+        lines.append(f"{organ:<14}{dice:>8.3f}{summary['jaccard'][organ]:>10.3f}")
+    lines.append(f"{'mean':<14}{summary['dice_mean']:>8.3f}{summary['jaccard_mean']:>10.3f}")
+    return "\n".join(lines)
 
 
 def score_checkpoint(
@@ -167,7 +191,7 @@ def score_checkpoint(
     cases = prepare_split(_on_this_machine(segmenter.config), split)
     if not cases:
         raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
-    rows, predictions = score_prepared_cases(segmenter, cases)
+    rows, predictions = score_cases(cases, segmenter.segment_case, segmenter.class_names)
     return rows, predictions, cases, segmenter
 
 

@@ -4,8 +4,7 @@
     segmenter = Segmenter.from_checkpoint("runs/mr_scse")     # latest; which="best" for the best
     labels = segmenter.segment_series("MR/1/T2SPIR/DICOM_anon")  # (slices, rows, cols) class ids
 
-Slices go through the network in batches of a fixed size (the last one padded), so volumes
-of any length reuse one compiled function.
+Prediction goes through `prediction.Predictor`, the same path as validation during training.
 """
 
 from __future__ import annotations
@@ -14,31 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scse_jax import checkpoint, postprocess, sharding
-from scse_jax.state import abstract_train_state, build_model, make_optimizer
+from scse_jax import checkpoint, sharding
 from scse_jax.data import pipeline, preprocess
+from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import Volume
-from scse_jax.errors import CheckpointError, ConfigError, DataError
-
-# Test-time shifts in pixels of the training grid: small translations respect anatomy,
-# unlike left-right flips, which swap the kidneys.
-TTA_SHIFTS = ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4))
-
-
-def _predict_probabilities(variables, images, *, model, tta: bool) -> jax.Array:
-    """Class probabilities (B, H, W, C) in eval mode, averaged over shifts when ``tta``."""
-    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
-    total = 0.0
-    for dy, dx in shifts:
-        shifted = jnp.roll(images, (dy, dx), axis=(1, 2))
-        logits = model.apply(variables, shifted, train=False)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        total = total + jnp.roll(probs, (-dy, -dx), axis=(1, 2))
-    return total / len(shifts)
+from scse_jax.errors import CheckpointError, ConfigError
+from scse_jax.prediction import Predictor
+from scse_jax.state import abstract_train_state, build_model, make_optimizer
 
 
 class Segmenter:
@@ -62,14 +46,21 @@ class Segmenter:
         )
         self.class_names = tuple(class_names)
         self.step = step
-        self.mesh = sharding.make_data_mesh()
-        self.batch_size = batch_size or config.eval.batch_size
-        sharding.check_batch_size(self.batch_size, self.mesh)
         self.settings = preprocess.PreprocessSettings(image_size=config.data.image_size)
-        self.model = build_model(config.model, len(self.class_names))
-        self.variables = jax.device_put(variables, sharding.replicated_sharding(self.mesh))
-        self.traces = 0  # how many times the prediction function was traced (= compiled)
-        self._predict = {}
+        mesh = sharding.make_data_mesh()
+        self.predictor = Predictor(
+            build_model(config.model, len(self.class_names)),
+            mesh,
+            batch_size=batch_size or config.eval.batch_size,
+            image_size=config.data.image_size,
+            context_slices=config.data.get("context_slices", 0),
+        )
+        self.variables = jax.device_put(variables, sharding.replicated_sharding(mesh))
+
+    @property
+    def traces(self) -> int:
+        """How many times a prediction function was traced (= compiled)."""
+        return self.predictor.traces
 
     @classmethod
     def from_checkpoint(
@@ -113,20 +104,6 @@ class Segmenter:
             config, state.variables(), class_names, batch_size=batch_size, step=step, largest_component=largest_component
         )
 
-    def _compiled(self, *, probabilities: bool, tta: bool):
-        key = (probabilities, tta)
-        if key not in self._predict:
-
-            def predict(variables, images):
-                self.traces += 1
-                probs = _predict_probabilities(variables, images, model=self.model, tta=tta)
-                return probs if probabilities else jnp.argmax(probs, axis=-1).astype(jnp.uint8)
-
-            replicated = sharding.replicated_sharding(self.mesh)
-            batch = sharding.batch_sharding(self.mesh)
-            self._predict[key] = jax.jit(predict, in_shardings=(replicated, batch), out_shardings=batch)
-        return self._predict[key]
-
     def segment(self, images: np.ndarray, *, probabilities: bool = False, tta: bool = False) -> np.ndarray:
         """Segments preprocessed slices on the training grid.
 
@@ -137,26 +114,7 @@ class Segmenter:
           probabilities: return (N, S, S, C) class probabilities instead of (N, S, S) class ids.
           tta: average over small shifts (anatomy-preserving test-time augmentation).
         """
-        images = np.asarray(images, np.float32)
-        size, channels = self.settings.image_size, pipeline.input_channels(self.config.data)
-        if images.ndim == 3 and images.shape[1:] == (size, size):
-            images = pipeline.with_context(images, (channels - 1) // 2)
-        if images.ndim != 4 or images.shape[1:] != (size, size, channels):
-            raise ConfigError(f"segment() expects (N, {size}, {size}) or (N, {size}, {size}, {channels}) slices, "
-                              f"got {images.shape}")
-        if not np.all(np.isfinite(images)):  # the network would return background there, silently
-            raise DataError("the input holds non-finite values (NaN or infinity); training refuses such volumes too")
-        predict = self._compiled(probabilities=probabilities, tta=tta)
-        count = len(images)
-        outputs = []
-        for start in range(0, count, self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            valid = len(chunk)
-            if valid < self.batch_size:
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - valid,) + chunk.shape[1:], np.float32)])
-            result = predict(self.variables, sharding.shard_batch({"image": chunk}, self.mesh)["image"])
-            outputs.append(np.asarray(result)[:valid])
-        return np.concatenate(outputs) if outputs else np.zeros((0, size, size), np.uint8)
+        return self.predictor.predict(self.variables, images, probabilities=probabilities, tta=tta)
 
     def segment_volume(
         self, volume: Volume | np.ndarray, *, modality: str | None = None, probabilities: bool = False, tta: bool = False
@@ -164,7 +122,9 @@ class Segmenter:
         """Segments a whole native volume (slices, rows, cols) and returns it on the native grid.
 
         Preprocessing is the training one (normalisation, resizing); class ids come back
-        (slices, rows, cols) uint8, or probabilities (slices, rows, cols, C) float32.
+        (slices, rows, cols) uint8, or probabilities (slices, rows, cols, C) float32, resampled
+        as the class ids are (nearest), so that their argmax is the class ids before the
+        largest-component post-processing.
         """
         voxels = volume.voxels if isinstance(volume, Volume) else np.asarray(volume, np.float32)
         if voxels.ndim != 3 or 0 in voxels.shape:
@@ -175,18 +135,20 @@ class Segmenter:
         )
         if not probabilities:
             return self.segment_to_native(images, voxels.shape[1:], tta=tta)
-        result = self.segment(images, probabilities=True, tta=tta)
-        channels = [preprocess.resize_to(result[..., c], voxels.shape[1:], order=1) for c in range(result.shape[-1])]
-        return np.stack(channels, axis=-1)
+        grid = self.segment(images, probabilities=True, tta=tta)
+        return np.stack(
+            [preprocess.resize_to(grid[..., c], voxels.shape[1:], order=0) for c in range(grid.shape[-1])], axis=-1
+        )
 
     def segment_to_native(self, images: np.ndarray, native_rows_cols: tuple[int, int], *, tta: bool = False):
         """Class ids of preprocessed slices, on the native (rows, cols) grid, post-processed."""
-        return postprocess.to_native(
-            self.segment(images, tta=tta),
-            native_rows_cols,
-            num_classes=len(self.class_names),
-            largest_component=self.largest_component,
+        return self.predictor.to_native(
+            self.segment(images, tta=tta), native_rows_cols, largest_component=self.largest_component
         )
+
+    def segment_case(self, case: PreparedCase) -> np.ndarray:
+        """Class ids of a prepared case on its native grid, post-processed (what is scored)."""
+        return self.segment_to_native(case.images, case.native_shape[1:])
 
     def segment_series(self, dicom_dir: str | Path, **kwargs) -> np.ndarray:
         """Segments a DICOM series folder; returns (slices, rows, cols) in the series' file order."""

@@ -1,20 +1,21 @@
-"""Training: the state, the pure jitted steps, and the loop that runs one experiment.
+"""Training: the pure jitted train step and the loop that runs one experiment.
 
 ``train_and_evaluate(config, workdir)`` is the whole job that ``launch.py`` starts; a notebook
-can import and call it the same way.
+can import and call it the same way. The state and the model come from `state`, validation
+predicts through `prediction.Predictor` and scores through `evaluate.score_cases`, as
+``evaluate --checkpoint`` does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
-import math
-import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,23 +23,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from scse_jax import checkpoint, files, losses, postprocess, sharding
+from scse_jax import checkpoint, evaluate, files, losses, sharding
+from scse_jax.compilation import step_compiler_options, step_fits_in_memory
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
+from scse_jax.data.run_data import StreamedRunData, plan_run_data
 from scse_jax.errors import ConfigError, RunStopped, TrainingError
-from scse_jax.data.run_data import RunData, StreamedRunData, plan_run_data
-from scse_jax.models.cpu_ops import CpuConv3x3
-from scse_jax.models.layers import Conv3x3
-from scse_jax.models.unet import UNet
+from scse_jax.models.se import AGGREGATIONS
+from scse_jax.models.unet import SE_KINDS, SE_POSITIONS, UPSAMPLINGS, UNet
+from scse_jax.prediction import Predictor
 from scse_jax.run_log import RunLog, progress_line
-from scse_jax.state import (
-    TrainState,
-    build_model,
-    check_same_run,
-    create_train_state,
-    learning_rate_schedule,
-    make_optimizer,
-)
+from scse_jax.state import TrainState, build_model, check_same_run, create_train_state, learning_rate_schedule, make_optimizer
 
 
 def train_step(
@@ -81,51 +76,6 @@ def train_step(
     return new_state, parts
 
 
-def eval_step(
-    variables: dict[str, Any],
-    batch: dict[str, jax.Array],
-    class_weights: jax.Array,
-    *,
-    model: UNet,
-    ce_weight: float,
-    dice_weight: float,
-    boundary_weight: float,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Eval-mode prediction (class ids) and the loss over the batch's valid examples."""
-    logits = model.apply(variables, batch["image"], train=False)
-    _, parts = losses.segmentation_loss(
-        logits,
-        batch["label"],
-        class_weights,
-        ce_weight=ce_weight,
-        dice_weight=dice_weight,
-        boundary_weight=boundary_weight,
-        example_mask=batch["valid"],
-    )
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), parts
-
-
-def predict_step(variables: dict[str, Any], images: jax.Array, *, model: UNet, probabilities: bool) -> jax.Array:
-    """Eval-mode class ids, or class probabilities when ``probabilities``."""
-    logits = model.apply(variables, images, train=False)
-    if probabilities:
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def step_compiler_options() -> dict[str, Any] | None:
-    """XLA options for the jitted steps: LLVM -O1 on the CPU.
-
-    The convolutions and products run in library calls, so LLVM's -O2 only optimises the
-    elementwise fusions, and buys nothing measurable there: train-step compile 18.2 -> 15.0 s
-    with the step unchanged (11.3 vs 11.1 s; batch 20, 256 px, 2-core EPYC). Left alone under
-    jax_disable_most_optimizations, which asks for less.
-    """
-    if jax.default_backend() != "cpu" or jax.config.read("jax_disable_most_optimizations"):
-        return None
-    return {"xla_backend_optimization_level": 1}
-
-
 def loss_settings(train_config: ml_collections.ConfigDict) -> dict[str, float]:
     """The loss's static weights, as the steps take them."""
     return {
@@ -160,163 +110,109 @@ def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes
     return train_fn.lower(abstract_state, batch_spec, weights_spec).compile()
 
 
-# Share of the memory the train step's temporaries may take; the rest holds the data, the
-# state and everything else the process keeps.
-STEP_MEMORY_SHARE = 0.75
+def compile_train_step(model_config, num_classes, tx, abstract_state, config, mesh):
+    """The model and its jitted train step, compiled ahead; XLA's kernel gradient where the fast
+    one's temporaries would not fit in the device's memory."""
+    model = build_model(model_config, num_classes)
+    train_fn = jit_train_step(model, tx, config.train, mesh)
+    compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
+    fits, temp_gib = step_fits_in_memory(compiled, mesh.local_devices[0])
+    if model_config.get("fast_kernel_gradient", True) and not fits:
+        print(
+            f"The train step's fast kernel gradient needs {temp_gib:.1f} GiB of temporaries per device, more "
+            f"than this machine can spare: using XLA's kernel gradient (model.fast_kernel_gradient=False)",
+            flush=True,
+        )
+        model_config = ml_collections.ConfigDict(model_config.to_dict())
+        model_config.fast_kernel_gradient = False
+        model = build_model(model_config, num_classes)
+        train_fn = jit_train_step(model, tx, config.train, mesh)
+        compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
+    return model, train_fn
 
 
-def memory_budget_bytes(device: jax.Device) -> int | None:
-    """What one device's program may use: the accelerator's limit, or the host's memory shared
-    by its CPU devices (None where unknown). `device` must be one of this process's own: no
-    process can ask about another's."""
-    if device.process_index != jax.process_index():
-        raise ValueError(f"{device} belongs to process {device.process_index}, not this one ({jax.process_index()})")
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    if device.platform == "cpu" and hasattr(os, "sysconf"):
-        try:
-            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            return None
-        return physical // max(1, jax.local_device_count())
-    return None
+def is_due(count: int, every: int, *, last: bool = False) -> bool:
+    """Whether a periodic action (log, validation, checkpoint) runs now: every ``every`` counts,
+    and at the ``last`` one."""
+    return last or count % every == 0
 
 
-def step_fits_in_memory(compiled, device: jax.Device) -> tuple[bool, float]:
-    """Whether a compiled step's temporaries fit in STEP_MEMORY_SHARE of the budget of `device`
-    (one of this process's own) and of every other process's; also the temporaries in GiB.
+@dataclasses.dataclass
+class RunningLosses:
+    """The training loss and its parts summed over the steps of the epoch so far.
 
-    Every process must answer alike: they all have to run the same program.
+    A checkpoint taken inside an epoch keeps them (`as_meta`), so that the resumed epoch
+    reports the mean over all of its steps.
     """
-    analysis = compiled.memory_analysis()
-    budget = memory_budget_bytes(device)
-    if analysis is None or budget is None:
-        fits, temp_gib = True, math.nan
-    else:
-        fits, temp_gib = analysis.temp_size_in_bytes <= STEP_MEMORY_SHARE * budget, analysis.temp_size_in_bytes / 2**30
-    return sharding.on_every_process(fits), temp_gib
+
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    cross_entropy_sum: float = 0.0
+    dice_loss_sum: float = 0.0
+
+    @classmethod
+    def from_meta(cls, saved: dict[str, Any] | None) -> "RunningLosses":
+        fields = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in (saved or {}).items() if name in fields})
+
+    def as_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def absorb(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+        """Moves pending per-step losses to the host and adds them; a non-finite one stops the run."""
+        if not pending:
+            return
+        fetched = jax.device_get([parts for _, parts in pending])
+        for (step, _), parts in zip(pending, fetched):
+            if not np.isfinite(parts["loss"]):
+                raise TrainingError(
+                    f"non-finite loss ({float(parts['loss'])}) at step {step}; the last good checkpoint is kept. "
+                    "Lower train.learning_rate or check the data."
+                )
+            self.loss_sum += float(parts["loss"])
+            self.loss_count += 1
+            self.cross_entropy_sum += float(parts["cross_entropy"])
+            self.dice_loss_sum += float(parts["dice_loss"])
+        pending.clear()
+
+    def means(self) -> dict[str, float]:
+        count = max(self.loss_count, 1)
+        return {
+            "loss": self.loss_sum / count,
+            "cross_entropy": self.cross_entropy_sum / count,
+            "dice_loss": self.dice_loss_sum / count,
+        }
 
 
-def jit_eval_step(model, train_config, mesh):
-    replicated = sharding.replicated_sharding(mesh)
-    return jax.jit(
-        functools.partial(eval_step, model=model, **loss_settings(train_config)),
-        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-        out_shardings=(sharding.batch_sharding(mesh), replicated),
-        compiler_options=step_compiler_options(),
-    )
-
-
-def gather_to_host(array: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host) sharded array, on every host."""
-    if jax.process_count() == 1:
-        return np.asarray(array)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def fixed_size_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Cuts arrays into batches of exactly ``batch_size``, padding the last with zeros.
-
-    Every batch carries ``valid`` (1 for real rows, 0 for padding), so one compiled function
-    serves any number of slices.
-    """
-    count = len(next(iter(arrays.values())))
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        batch = {}
-        for name, array in arrays.items():
-            chunk = array[start:stop]
-            if stop - start < batch_size:
-                pad = np.zeros((batch_size - (stop - start),) + chunk.shape[1:], chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            batch[name] = chunk
-        batch["valid"] = (np.arange(batch_size) < stop - start).astype(np.float32)
-        yield batch
-
-
-def evaluate_cases(
-    eval_fn,
+def validate(
+    predictor: Predictor,
     variables: dict[str, Any],
     cases: list[PreparedCase],
     class_weights: jax.Array,
     *,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
+    loss_weights: dict[str, float],
     class_names: tuple[str, ...],
     largest_component: bool,
-    context: int = 0,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Predicts whole patients, each slice with `context` neighbours on either side as
-    channels, maps predictions to the native grid (`postprocess.to_native`) and scores them there.
+    """Predicts whole validation patients, maps the predictions to the native grid and scores
+    them there, as ``evaluate --checkpoint`` does.
 
-    Returns the mean loss parts, one row per (case, organ) with the CHAOS metrics and the
-    volume analysis, and the native-grid predictions by case key.
+    Returns the mean loss parts over slices, one row per (case, organ) with the CHAOS metrics
+    and the volume analysis, and the native-grid predictions by case key.
     """
-    from scse_jax import evaluate
-
     loss_sums: dict[str, float] = {}
-    loss_count = 0.0
-    rows, predictions = [], {}
-    process_slice = slice(
-        jax.process_index() * batch_size // jax.process_count(),
-        (jax.process_index() + 1) * batch_size // jax.process_count(),
-    )
-    for case in cases:
-        arrays = {"image": pipeline.with_context(case.images, context), "label": case.labels.astype(np.int32)}
-        pieces = []
-        for batch in fixed_size_batches(arrays, batch_size):
-            local = {name: value[process_slice] for name, value in batch.items()}
-            device_batch = sharding.shard_batch(local, mesh)
-            predicted, parts = eval_fn(variables, device_batch, class_weights)
-            valid = float(batch["valid"].sum())
-            for name, value in jax.device_get(parts).items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * valid
-            loss_count += valid
-            pieces.append(gather_to_host(predicted)[: int(valid)])
-        native = postprocess.to_native(
-            np.concatenate(pieces),
-            case.native_shape[1:],
-            num_classes=len(class_names),
-            largest_component=largest_component,
-        )
-        predictions[case.case_key] = native
-        rows += [{"case": case.case_key, **row} for row in evaluate.score_prediction(native, case, class_names)]
-    mean_losses = {name: total / max(loss_count, 1.0) for name, total in loss_sums.items()}
-    return mean_losses, rows, predictions
+    slices = 0
 
+    def predict_native(case: PreparedCase) -> np.ndarray:
+        nonlocal slices
+        labels, sums, count = predictor.predict_with_loss(variables, case.images, case.labels, class_weights, loss_weights)
+        for name, total in sums.items():
+            loss_sums[name] = loss_sums.get(name, 0.0) + total
+        slices += count
+        return predictor.to_native(labels, case.native_shape[1:], largest_component=largest_component)
 
-def summarise_rows(rows: list[dict[str, Any]], class_names: tuple[str, ...]) -> dict[str, Any]:
-    """Per-organ means of Dice, Jaccard and predicted / true volume over cases; the means of
-    Dice and Jaccard over organs."""
-    summary: dict[str, Any] = {"dice": {}, "jaccard": {}, "volume_ratio": {}}
-    for organ in class_names[1:]:
-        organ_rows = [row for row in rows if row["organ"] == organ]
-        for metric in summary:
-            summary[metric][organ] = float(np.mean([row[metric] for row in organ_rows])) if organ_rows else math.nan
-    summary["dice_mean"] = float(np.nanmean(list(summary["dice"].values())))
-    summary["jaccard_mean"] = float(np.nanmean(list(summary["jaccard"].values())))
-    return summary
-
-
-def dice_table(summary: dict[str, Any]) -> str:
-    """A small text table of per-organ validation Dice and Jaccard."""
-    lines = [f"{'organ':<14}{'dice':>8}{'jaccard':>10}"]
-    for organ, dice in summary["dice"].items():
-        lines.append(f"{organ:<14}{dice:>8.3f}{summary['jaccard'][organ]:>10.3f}")
-    lines.append(f"{'mean':<14}{summary['dice_mean']:>8.3f}{summary['jaccard_mean']:>10.3f}")
-    return "\n".join(lines)
-
-
-def use_compilation_cache(data_config: ml_collections.ConfigDict) -> None:
-    """Keeps compiled steps beside the prepared data, so that a resumed or repeated run skips
-    compiling (unless JAX_COMPILATION_CACHE_DIR names another place)."""
-    from scse_jax.data.run_data import cache_root
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(cache_root(data_config) / "xla"))
+    rows, predictions = evaluate.score_cases(cases, predict_native, class_names)
+    return {name: total / max(slices, 1) for name, total in loss_sums.items()}, rows, predictions
 
 
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
@@ -358,13 +254,11 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     )
     need(config.train.boundary_weight >= 0, "train.boundary_weight", "must be >= 0")
     need(config.data.modality in ("CT", "MR"), "data.modality", f"{config.data.modality!r} is not 'CT' or 'MR'")
-    need(config.model.se in ("none", "cse", "sse", "scse"), "model.se", f"{config.model.se!r} is not none|cse|sse|scse")
-    need(
-        config.model.se_aggregation in ("max", "add", "mul"),
-        "model.se_aggregation",
-        f"{config.model.se_aggregation!r} is not max|add|mul",
-    )
-    need(config.model.upsample in ("bilinear", "transpose"), "model.upsample", f"{config.model.upsample!r}")
+    for field, allowed in (("se", SE_KINDS), ("se_aggregation", AGGREGATIONS), ("upsample", UPSAMPLINGS)):
+        value = config.model[field]
+        need(value in allowed, f"model.{field}", f"{value!r} is not {'|'.join(allowed)}")
+    for position in config.model.se_positions:
+        need(position in SE_POSITIONS, "model.se_positions", f"{position!r} is not {'|'.join(SE_POSITIONS)}")
     need(
         config.model.compute_dtype in ("float32", "bfloat16"),
         "model.compute_dtype",
@@ -417,13 +311,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ConfigError when another process trains in ``workdir`` (see `files.WorkdirLock`).
     """
     with contextlib.ExitStack() as held:  # the workdir's lock, from when the workdir exists
-        return _train_and_evaluate(config, workdir, held)
+        return _train_and_evaluate(config, Path(workdir).expanduser(), held)
 
 
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, held: contextlib.ExitStack
-) -> dict[str, Any]:
-    workdir = Path(workdir).expanduser()
+@dataclasses.dataclass
+class _Run:
+    """What one run sets up before its first step, and what its loop reads."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    class_names: tuple[str, ...]
+    steps_per_epoch: int
+    ckpts: checkpoint.Checkpoints
+    log: RunLog
+    streamed: StreamedRunData
+    train_fn: Any
+    predictor: Predictor
+    class_weights: jax.Array
+    schedule: optax.Schedule
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.train.num_epochs
+
+    def meta(self, step: int, val_dice: float | None, running: RunningLosses) -> dict[str, Any]:
+        """What a checkpoint records beside the state."""
+        return {
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "val_dice": val_dice,
+            "partial_epoch": running.as_meta(),
+            "class_names": list(self.class_names),
+            "config": json.loads(self.config.to_json_best_effort()),
+        }
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, held: contextlib.ExitStack) -> dict[str, Any]:
+    run, state, running = _set_up(config, workdir, held)
+    step = int(jax.device_get(state.step))
+    run.log.roll_back_to(step // run.steps_per_epoch)
+    validation = _Validation(run)
+    stop = _StopRequests()
+    with stop.installed():
+        for epoch in range(step // run.steps_per_epoch, config.train.num_epochs):
+            # ---- train one epoch (or until a stop is asked for) ----
+            state, step, seconds = _train_epoch(run, state, step, epoch, running, stop)
+            epoch_done = step % run.steps_per_epoch == 0
+            finished = step == run.total_steps
+            val_dice = None
+            if epoch_done:
+                run.log.record("train", epoch + 1, step, _train_record(run, step, running, seconds))
+                running = RunningLosses()
+            # ---- validate if due ----
+            if epoch_done and run.streamed.result().val and is_due(epoch + 1, config.eval.every_epochs, last=finished):
+                val_dice = validation.record(state, step, epoch + 1)
+            # ---- checkpoint if due, or asked to stop ----
+            # A stop in the epoch's last step lets the epoch end normally (records, validation,
+            # checkpoint), so that its records are never half written.
+            stopping = stop.signal_name is not None and not finished
+            if stopping or (epoch_done and is_due(epoch + 1, config.checkpoint.every_epochs, last=finished)):
+                run.ckpts.save(step, state, run.meta(step, val_dice, running))
+            if stopping:
+                raise _stopped(stop.signal_name, step, run)
+    run.ckpts.close()
+    summary, predictions = validation.final(state, step)
+    _write_run_summary(run, summary, predictions)
+    return summary or {}
+
+
+def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, TrainState, RunningLosses]:
+    """Checks the config and the workdir, builds and compiles the model, starts reading the
+    data, and restores the latest checkpoint if there is one."""
     sharding.initialize_distributed(
         config.distributed.coordinator_address or None,
         config.distributed.num_processes or None,
@@ -440,10 +400,8 @@ def _train_and_evaluate(
         )
 
     plan = plan_run_data(config)
-    class_names = plan.class_names
-    num_classes = len(class_names)
+    class_names = tuple(plan.class_names)
     steps_per_epoch = pipeline.steps_per_epoch(plan.num_train_slices(), config.train.batch_size)
-    total_steps = steps_per_epoch * config.train.num_epochs
 
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -461,193 +419,171 @@ def _train_and_evaluate(
                 f"{steps_per_epoch}: the data or batch size changed; use another --workdir"
             )
 
-    model = build_model(config.model, num_classes)
     tx = make_optimizer(config.train, steps_per_epoch)
     # Decoding the images (slow on a cold cache) overlaps initialising and compiling the model,
     # and, with data.stream_first_epoch, the first epoch's training steps.
     streamed = StreamedRunData(plan, config)
     state, abstract_state = create_train_state(
-        model, tx, image_size=config.data.image_size, seed=config.train.seed, mesh=mesh,
-        channels=pipeline.input_channels(config.data),
+        build_model(config.model, len(class_names)), tx, image_size=config.data.image_size, seed=config.train.seed,
+        mesh=mesh, channels=pipeline.input_channels(config.data),
     )
-    train_fn = jit_train_step(model, tx, config.train, mesh)
-    compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
-    fits, temp_gib = step_fits_in_memory(compiled, mesh.local_devices[0])
-    if model.conv is CpuConv3x3 and not fits:
-        print(
-            f"The train step's fast kernel gradient needs {temp_gib:.1f} GiB of temporaries per device, more "
-            f"than this machine can spare: using XLA's kernel gradient (model.fast_kernel_gradient=False)",
-            flush=True,
-        )
-        model = model.clone(conv=Conv3x3)
-        train_fn = jit_train_step(model, tx, config.train, mesh)
-        compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
-    class_weights = jax.device_put(
-        jnp.asarray(streamed.class_weights(), jnp.float32), sharding.replicated_sharding(mesh)
-    )
-    schedule = learning_rate_schedule(config.train, steps_per_epoch)
-
-    partial = {"loss_sum": 0.0, "loss_count": 0}
+    model, train_fn = compile_train_step(config.model, len(class_names), tx, abstract_state, config, mesh)
+    running = RunningLosses()
     if latest is not None:
         state, meta = ckpts.restore(latest, abstract_state)
-        partial = meta.get("partial_epoch", partial)
+        running = RunningLosses.from_meta(meta.get("partial_epoch"))
         print(f"Resuming from step {latest} (epoch {latest // steps_per_epoch}) in {ckpts.directory}", flush=True)
     log = RunLog(workdir, enabled=is_chief)  # only now: a refused checkpoint leaves the workdir untouched
     if is_chief:
         _save_config(config, workdir)
-    start_step = int(jax.device_get(state.step))
-    log.roll_back_to(start_step // steps_per_epoch)
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        class_names=class_names,
+        steps_per_epoch=steps_per_epoch,
+        ckpts=ckpts,
+        log=log,
+        streamed=streamed,
+        train_fn=train_fn,
+        predictor=Predictor(
+            model, mesh, batch_size=config.eval.batch_size, image_size=config.data.image_size,
+            context_slices=config.data.context_slices,
+        ),
+        class_weights=jax.device_put(
+            jnp.asarray(streamed.class_weights(), jnp.float32), sharding.replicated_sharding(mesh)
+        ),
+        schedule=learning_rate_schedule(config.train, steps_per_epoch),
+    )
+    return run, state, running
 
-    eval_fn = jit_eval_step(model, config.train, mesh)
 
-    def meta_for(step: int, val_dice: float | None, partial_epoch: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "step": step,
-            "epoch": step // steps_per_epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "val_dice": val_dice,
-            "partial_epoch": partial_epoch,
-            "class_names": list(class_names),
-            "config": json.loads(config.to_json_best_effort()),
-        }
-
-    summary: dict[str, Any] | None = None
-    val_predictions: dict[str, np.ndarray] = {}
-    stop = _StopRequests()
-    step = start_step
-    with stop.installed():
-        first_epoch = start_step // steps_per_epoch
-        for epoch in range(first_epoch, config.train.num_epochs):
-            skip = step - epoch * steps_per_epoch
-            host_batches = pipeline.iterate_batches(
-                streamed.train,
-                batch_size=config.train.batch_size,
-                epoch=epoch,
-                seed=config.train.seed,
-                augment=(
-                    functools.partial(pipeline.augment_batch, modality=config.data.modality)
-                    if config.data.augment
-                    else None
-                ),
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                first_step=skip,
-                order=streamed.first_epoch_order() if epoch == 0 else None,
+def _train_epoch(
+    run: _Run, state: TrainState, step: int, epoch: int, running: RunningLosses, stop: "_StopRequests"
+) -> tuple[TrainState, int, float]:
+    """Trains from ``step`` to the end of ``epoch``, or until a stop is asked for; reports
+    progress every train.log_every_steps; adds the steps' losses to ``running``. Returns the
+    state, the step reached and the seconds it took."""
+    config = run.config
+    host_batches = pipeline.iterate_batches(
+        run.streamed.train,
+        batch_size=config.train.batch_size,
+        epoch=epoch,
+        seed=config.train.seed,
+        augment=(
+            functools.partial(pipeline.augment_batch, modality=config.data.modality) if config.data.augment else None
+        ),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        first_step=step - epoch * run.steps_per_epoch,
+        order=run.streamed.first_epoch_order() if epoch == 0 else None,
+    )
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    epoch_start = time.perf_counter()
+    window_start, window_images = time.perf_counter(), 0
+    for batch in sharding.device_batches(host_batches, run.mesh):
+        state, parts = run.train_fn(state, batch, run.class_weights)
+        step += 1
+        pending.append((step, parts))
+        window_images += config.train.batch_size
+        if is_due(step, config.train.log_every_steps, last=step % run.steps_per_epoch == 0):
+            running.absorb(pending)
+            rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+            mean_loss = running.means()["loss"]
+            lr = float(run.schedule(step - 1))
+            print(
+                progress_line(step, run.total_steps, run.steps_per_epoch, mean_loss, rate, config.train.batch_size, lr),
+                flush=True,
             )
-            step_losses: list[tuple[int, dict[str, jax.Array]]] = []
-            epoch_start = time.perf_counter()
+            run.log.scalars(
+                step, {"train/loss_running": mean_loss, "train/images_per_s": rate, "train/learning_rate": lr}
+            )
             window_start, window_images = time.perf_counter(), 0
-            for batch in sharding.device_batches(host_batches, mesh):
-                state, parts = train_fn(state, batch, class_weights)
-                step += 1
-                step_losses.append((step, parts))
-                window_images += config.train.batch_size
-                if step % config.train.log_every_steps == 0 or step % steps_per_epoch == 0:
-                    _absorb_losses(step_losses, partial)
-                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    mean_loss = partial["loss_sum"] / max(partial["loss_count"], 1)
-                    lr = float(schedule(step - 1))
-                    print(
-                        progress_line(
-                            step, total_steps, steps_per_epoch, mean_loss, rate, config.train.batch_size, lr
-                        ),
-                        flush=True,
-                    )
-                    log.scalars(
-                        step, {"train/loss_running": mean_loss, "train/images_per_s": rate, "train/learning_rate": lr}
-                    )
-                    window_start, window_images = time.perf_counter(), 0
-                if stop.signal_name:
-                    break
-            _absorb_losses(step_losses, partial)
+        if stop.signal_name:
+            break
+    running.absorb(pending)
+    return state, step, time.perf_counter() - epoch_start
 
-            # A stop in the epoch's last step lets the epoch end normally (records, validation,
-            # checkpoint), so that its records are never half written.
-            if stop.signal_name and step % steps_per_epoch:
-                ckpts.save(step, state, meta_for(step, None, partial))
-                raise _stopped(stop.signal_name, step, ckpts, log, workdir)
 
-            epoch_number = epoch + 1
-            train_record = {
-                "loss": partial["loss_sum"] / max(partial["loss_count"], 1),
-                "learning_rate": float(schedule(step - 1)),
-                "images_per_s": partial["loss_count"] * config.train.batch_size
-                / max(time.perf_counter() - epoch_start, 1e-9),
-            }
-            for name in ("cross_entropy", "dice_loss"):
-                train_record[name] = partial.get(name + "_sum", 0.0) / max(partial["loss_count"], 1)
-            log.record("train", epoch_number, step, train_record)
-            partial = {"loss_sum": 0.0, "loss_count": 0}
+def _train_record(run: _Run, step: int, running: RunningLosses, seconds: float) -> dict[str, float]:
+    means = running.means()
+    return {
+        "loss": means["loss"],
+        "learning_rate": float(run.schedule(step - 1)),
+        "images_per_s": running.loss_count * run.config.train.batch_size / max(seconds, 1e-9),
+        "cross_entropy": means["cross_entropy"],
+        "dice_loss": means["dice_loss"],
+    }
 
-            data: RunData = streamed.result()
-            val_dice = None
-            if data.val and (epoch_number % config.eval.every_epochs == 0 or epoch_number == config.train.num_epochs):
-                val_losses, rows, val_predictions = evaluate_cases(
-                    eval_fn, state.variables(), data.val, class_weights,
-                    batch_size=config.eval.batch_size, mesh=mesh, class_names=class_names,
-                    largest_component=config.eval.largest_component, context=config.data.context_slices,
-                )
-                summary = summarise_rows(rows, class_names)
-                val_dice = summary["dice_mean"]
-                log.record("val", epoch_number, step, {**val_losses, **summary})
-                print(f"epoch {epoch_number} validation: dice {val_dice:.3f} "
-                      + " ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items())
-                      + "; predicted/true volume "
-                      + " ".join(f"{k} {v:.2f}" for k, v in summary["volume_ratio"].items()), flush=True)
-            saved = epoch_number % config.checkpoint.every_epochs == 0 or epoch_number == config.train.num_epochs
-            if saved:
-                ckpts.save(step, state, meta_for(step, val_dice, partial))
-            if stop.signal_name and epoch_number < config.train.num_epochs:
-                if not saved:
-                    ckpts.save(step, state, meta_for(step, val_dice, partial))
-                raise _stopped(stop.signal_name, step, ckpts, log, workdir)
 
-    ckpts.close()
-    data = streamed.result()
-    if summary is None and data.val:
-        _, rows, val_predictions = evaluate_cases(
-            eval_fn, state.variables(), data.val, class_weights,
-            batch_size=config.eval.batch_size, mesh=mesh, class_names=class_names,
-            largest_component=config.eval.largest_component, context=config.data.context_slices,
+class _Validation:
+    """Validation of one run's state, computed at most once per step."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self._step: int | None = None
+        self._result = None
+
+    def at(self, state: TrainState, step: int):
+        """(mean loss parts, rows, native predictions by case key) of the state at ``step``,
+        or None without validation patients."""
+        cases = self.run.streamed.result().val
+        if not cases:
+            return None
+        if self._step != step:
+            config = self.run.config
+            self._result = validate(
+                self.run.predictor, state.variables(), cases, self.run.class_weights,
+                loss_weights=loss_settings(config.train), class_names=self.run.class_names,
+                largest_component=config.eval.largest_component,
+            )
+            self._step = step
+        return self._result
+
+    def record(self, state: TrainState, step: int, epoch: int) -> float:
+        """Validates, writes the epoch's record and a line; returns the mean Dice."""
+        val_losses, rows, _ = self.at(state, step)
+        summary = evaluate.summarise_rows(rows, self.run.class_names)
+        self.run.log.record("val", epoch, step, {**val_losses, **summary})
+        print(
+            f"epoch {epoch} validation: dice {summary['dice_mean']:.3f} "
+            + " ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items())
+            + "; predicted/true volume "
+            + " ".join(f"{k} {v:.2f}" for k, v in summary["volume_ratio"].items()),
+            flush=True,
         )
-        summary = summarise_rows(rows, class_names)
-    if is_chief:
+        return summary["dice_mean"]
+
+    def final(self, state: TrainState, step: int) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
+        """The summary and predictions of the final state: the last epoch's validation, or, for a
+        finished run started again, a new one."""
+        result = self.at(state, step)
+        if result is None:
+            return None, {}
+        _, rows, predictions = result
+        return evaluate.summarise_rows(rows, self.run.class_names), predictions
+
+
+def _write_run_summary(run: _Run, summary: dict[str, Any] | None, predictions: dict[str, np.ndarray]) -> None:
+    """Loss curves, validation overlays and the final Dice table."""
+    if jax.process_index() == 0:
         from scse_jax import plots
 
-        plots.plot_loss_curves(log.read_records(), workdir / "loss_curves.png")
-        shown = data.val[: config.eval.num_overlays]
+        plots.plot_loss_curves(run.log.read_records(), run.workdir / "loss_curves.png")
+        shown = run.streamed.result().val[: run.config.eval.num_overlays]
         if shown:
-            plots.save_validation_overlays(shown, val_predictions, workdir / "overlays")
-    log.close()
+            plots.save_validation_overlays(shown, predictions, run.workdir / "overlays")
+    run.log.close()
     if summary:
         print("Validation (native resolution, mean over validation patients):")
-        print(dice_table(summary), flush=True)
-    return summary or {}
+        print(evaluate.dice_table(summary), flush=True)
 
 
-def _stopped(signal_name: str, step: int, ckpts: checkpoint.Checkpoints, log: RunLog, workdir: Path) -> RunStopped:
+def _stopped(signal_name: str, step: int, run: _Run) -> RunStopped:
     """Closes the run after a SIGTERM/SIGINT whose checkpoint is saved; the error says how to resume."""
-    log.close()
-    ckpts.close()
+    run.log.close()
+    run.ckpts.close()
     return RunStopped(
-        f"{signal_name} received: saved step {step} in {ckpts.directory}. Resume with the same "
-        f"command and --workdir={workdir}"
+        f"{signal_name} received: saved step {step} in {run.ckpts.directory}. Resume with the same "
+        f"command and --workdir={run.workdir}"
     )
-
-
-def _absorb_losses(step_losses: list[tuple[int, dict[str, jax.Array]]], partial: dict[str, Any]) -> None:
-    """Moves pending per-step losses to the host; a non-finite one stops the run."""
-    if not step_losses:
-        return
-    fetched = jax.device_get([parts for _, parts in step_losses])
-    for (step, _), parts in zip(step_losses, fetched):
-        if not np.isfinite(parts["loss"]):
-            raise TrainingError(
-                f"non-finite loss ({float(parts['loss'])}) at step {step}; the last good checkpoint is kept. "
-                "Lower train.learning_rate or check the data."
-            )
-        partial["loss_sum"] += float(parts["loss"])
-        partial["loss_count"] += 1
-        for name in ("cross_entropy", "dice_loss"):
-            partial[name + "_sum"] = partial.get(name + "_sum", 0.0) + float(parts[name])
-    step_losses.clear()

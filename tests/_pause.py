@@ -36,7 +36,7 @@ def install(point: str, marker: str) -> None:
 
         os.rename = committing
     elif kind == "eval":
-        record, evaluate_cases = run_log.RunLog.record, train.evaluate_cases
+        record, validate = run_log.RunLog.record, train.validate
         last_record = []
 
         def recording(self, split, epoch, *args, **kwargs):
@@ -46,10 +46,10 @@ def install(point: str, marker: str) -> None:
         def evaluating(*args, **kwargs):
             if last_record == [("train", number)]:
                 _pause(marker)
-            return evaluate_cases(*args, **kwargs)
+            return validate(*args, **kwargs)
 
         run_log.RunLog.record = recording
-        train.evaluate_cases = evaluating
+        train.validate = evaluating
     elif kind == "step":
         progress_line = train.progress_line
 

@@ -58,7 +58,7 @@ def test_flops_count_the_whole_batch_however_many_devices_share_it(bench, quick_
     import functools
 
     from configs import default
-    from scse_jax import train
+    from scse_jax import prediction
     from scse_jax.state import build_model
 
     assert jax.device_count() == 8  # the quick run split its batch of 8 over 8 devices
@@ -67,7 +67,7 @@ def test_flops_count_the_whole_batch_however_many_devices_share_it(bench, quick_
     model = build_model(config.model, 5)
     images = jnp.zeros((8, 32, 32, 1), jnp.float32)
     variables = model.init(jax.random.key(0), images[:1], train=False)
-    predict = jax.jit(functools.partial(train.predict_step, model=model, probabilities=False))
+    predict = jax.jit(functools.partial(prediction.predict_step, model=model, probabilities=False))
     one_device = bench.flops_of(predict.lower(variables, images).compile(), 1) / 8 / 1e9
     assert quick_results["infer_gflop_per_image"] == pytest.approx(one_device, rel=0.05)
 

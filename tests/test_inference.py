@@ -90,6 +90,10 @@ def test_segment_volume_probabilities_on_the_native_grid(segmenter, tiny_data):
     probs = segmenter.segment_volume(volume, probabilities=True)
     assert probs.shape == volume.voxels.shape + (5,) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+    assert segmenter.largest_component is False  # else the labels would differ by the removed islands
+    np.testing.assert_array_equal(probs.argmax(-1), segmenter.segment_volume(volume))
+    tta = segmenter.segment_volume(volume, probabilities=True, tta=True)
+    np.testing.assert_array_equal(tta.argmax(-1), segmenter.segment_volume(volume, tta=True))
 
 
 def test_largest_component_setting_reaches_volume_results(segmenter, tiny_data, monkeypatch):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import default
-from scse_jax import sharding, train
+from scse_jax import compilation, sharding, train
 from scse_jax.state import build_model, create_train_state, learning_rate_schedule, make_optimizer
 from scse_jax.data import pipeline
 from scse_jax.errors import CheckpointError, ConfigError
@@ -157,10 +157,10 @@ def _small_model_config():
 
 
 def test_steps_compile_at_llvm_o1_on_the_cpu_unless_optimisations_are_off():
-    assert train.step_compiler_options() is None  # conftest turns most optimisations off
+    assert compilation.step_compiler_options() is None  # conftest turns most optimisations off
     jax.config.update("jax_disable_most_optimizations", False)
     try:
-        options = train.step_compiler_options()
+        options = compilation.step_compiler_options()
         assert options == {"xla_backend_optimization_level": 1}
         doubled = jax.jit(lambda x: 2 * x, compiler_options=options)(jnp.arange(3.0))
     finally:
@@ -283,7 +283,7 @@ def test_a_train_step_too_big_for_memory_falls_back_to_xlas_kernel_gradient(tiny
         return jit_train_step(model, *args)
 
     monkeypatch.setattr(train, "jit_train_step", recording)
-    monkeypatch.setattr(train, "STEP_MEMORY_SHARE", 1e-9)  # nothing fits: the fallback must still train
+    monkeypatch.setattr(compilation, "STEP_MEMORY_SHARE", 1e-9)  # nothing fits: the fallback must still train
     summary = train.train_and_evaluate(tiny_config(*tiny_data), tmp_path / "run")
     out = capsys.readouterr().out
     assert compiled_models == [True, False]
@@ -300,8 +300,8 @@ def test_step_memory_check_against_the_device_budget():
             return type("Analysis", (), {"temp_size_in_bytes": self.temp_bytes})()
 
     device = jax.devices()[0]
-    budget = train.memory_budget_bytes(device)
+    budget = compilation.memory_budget_bytes(device)
     assert budget and budget > 2**26  # the host's memory, shared by the test's 8 CPU devices
-    assert train.step_fits_in_memory(Compiled(2**20), device)[0]
-    fits, gib = train.step_fits_in_memory(Compiled(budget), device)
+    assert compilation.step_fits_in_memory(Compiled(2**20), device)[0]
+    fits, gib = compilation.step_fits_in_memory(Compiled(budget), device)
     assert not fits and gib == pytest.approx(budget / 2**30)
