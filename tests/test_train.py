@@ -305,3 +305,36 @@ def test_step_memory_check_against_the_device_budget():
     assert compilation.step_fits_in_memory(Compiled(2**20), device)[0]
     fits, gib = compilation.step_fits_in_memory(Compiled(budget), device)
     assert not fits and gib == pytest.approx(budget / 2**30)
+
+
+def test_periodic_actions_are_due_every_n_and_at_the_last():
+    assert [count for count in range(1, 8) if train.is_due(count, 3)] == [3, 6]
+    assert train.is_due(7, 3, last=True) and not train.is_due(7, 3)
+
+
+def test_running_losses_survive_a_checkpoint_and_read_older_ones():
+    from scse_jax.errors import TrainingError
+
+    running = train.RunningLosses()
+    pending = [(1, {"loss": 1.0, "cross_entropy": 0.25, "dice_loss": 0.75}),
+               (2, {"loss": jnp.float32(3.0), "cross_entropy": jnp.float32(1.0), "dice_loss": jnp.float32(2.0)})]
+    running.absorb(pending)
+    assert pending == [] and running.means() == {"loss": 2.0, "cross_entropy": 0.625, "dice_loss": 1.375}
+    assert train.RunningLosses.from_meta(json.loads(json.dumps(running.as_meta()))) == running
+    older = train.RunningLosses.from_meta({"loss_sum": 3.0, "loss_count": 2})  # an epoch's end, before the parts
+    assert older.means() == {"loss": 1.5, "cross_entropy": 0.0, "dice_loss": 0.0}
+    assert train.RunningLosses.from_meta(None) == train.RunningLosses()
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 7"):
+        running.absorb([(7, {"loss": float("nan"), "cross_entropy": 0.0, "dice_loss": 0.0})])
+
+
+def test_allowed_model_values_are_the_models_own():
+    from scse_jax.models.se import AGGREGATIONS
+    from scse_jax.models.unet import SE_POSITIONS, UPSAMPLINGS
+
+    for field, allowed in (("se_aggregation", AGGREGATIONS), ("upsample", UPSAMPLINGS), ("se_positions", SE_POSITIONS)):
+        config = default.get_config()
+        config.train.batch_size = config.eval.batch_size = 8
+        config.model[field] = ("nowhere",) if field == "se_positions" else "other"
+        with pytest.raises(ConfigError, match=f"model.{field}: .* is not {'[|]'.join(allowed)}"):
+            train.validate_config(config, device_count=8)
