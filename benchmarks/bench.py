@@ -743,10 +743,10 @@ def plot_title(results: dict[str, Any]) -> str:
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
+    from scse_jax import files
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=float) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(results, indent=2, sort_keys=False, default=float) + "\n")
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:

@@ -150,7 +150,7 @@ def plot_study_curves(out: Path, names: list[str], seeds: list[int], folds: int)
                     continue
                 records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
                 for split, style in (("train", "-"), ("val", "--")):
-                    points = sorted((r["epoch"], r["loss"]) for r in records if r["split"] == split and "loss" in r)
+                    points = plots.loss_points(records, split)
                     label = f"fold {fold} {split}" if seed == seeds[0] else None
                     if points:
                         ax.plot(*zip(*points), style, color=f"C{fold}", alpha=0.8, label=label)
@@ -160,8 +160,7 @@ def plot_study_curves(out: Path, names: list[str], seeds: list[int], folds: int)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png")
-    return out / "loss_curves.png"
+    return plots.save_figure(fig, out / "loss_curves.png")
 
 
 def save_comparison_overlays(out: Path, names: list[str], seed: int, fold: int, count: int = 3) -> list[Path]:
@@ -270,7 +269,7 @@ def run_study(
         report += ["", f"Paired comparison, {names[1]} minus {names[0]} (mean Dice over organs per patient and seed):",
                    "", "```", json.dumps(comparison, indent=2), "```"]
     text = "\n".join(report) + "\n"
-    (out / "results.md").write_text(text)
+    files.write_text(out / "results.md", text)
     plot_study_curves(out, names, seeds, folds)
     if not missing:
         save_comparison_overlays(out, names, seeds[0], 0)

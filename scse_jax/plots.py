@@ -8,10 +8,26 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: never changes a notebook's backend
 
+from scse_jax import files
+
 # Overlay colours per class id: liver, right kidney, left kidney, spleen.
 CLASS_COLOURS = np.array(
     [[0, 0, 0], [230, 90, 60], [60, 160, 230], [90, 210, 90], [220, 200, 60]], dtype=np.float32
 ) / 255.0
+
+
+def loss_points(records: list[dict[str, Any]], split: str) -> list[tuple[int, float]]:
+    """(epoch, loss) of one split's metrics.jsonl records, in epoch order."""
+    return sorted((r["epoch"], r["loss"]) for r in records if r.get("split") == split and "loss" in r)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Writes a figure atomically (files.atomic_write), in the format its suffix names."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_write(path, "wb") as stream:
+        fig.savefig(stream, format=path.suffix.lstrip(".") or "png")
+    return path
 
 
 def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
@@ -19,7 +35,7 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
     for split, style in (("train", "-o"), ("val", "-s")):
-        points = sorted((r["epoch"], r["loss"]) for r in records if r.get("split") == split and "loss" in r)
+        points = loss_points(records, split)
         if points:
             epochs, values = zip(*points)
             ax.plot(epochs, values, style, label=split, markersize=3)
@@ -28,9 +44,7 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -53,9 +67,7 @@ def save_panels(panels: list[tuple[str, np.ndarray]], path: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def busiest_slice(labels: np.ndarray) -> int:
