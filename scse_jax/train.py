@@ -110,9 +110,10 @@ def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes
     return train_fn.lower(abstract_state, batch_spec, weights_spec).compile()
 
 
-def compile_train_step(model_config, num_classes, tx, abstract_state, config, mesh):
+def compile_train_step(config, num_classes: int, tx, abstract_state, mesh):
     """The model and its jitted train step, compiled ahead; XLA's kernel gradient where the fast
     one's temporaries would not fit in the device's memory."""
+    model_config = config.model
     model = build_model(model_config, num_classes)
     train_fn = jit_train_step(model, tx, config.train, mesh)
     compiled = compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes)
@@ -427,7 +428,7 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
         build_model(config.model, len(class_names)), tx, image_size=config.data.image_size, seed=config.train.seed,
         mesh=mesh, channels=pipeline.input_channels(config.data),
     )
-    model, train_fn = compile_train_step(config.model, len(class_names), tx, abstract_state, config, mesh)
+    model, train_fn = compile_train_step(config, len(class_names), tx, abstract_state, mesh)
     running = RunningLosses()
     if latest is not None:
         state, meta = ckpts.restore(latest, abstract_state)
