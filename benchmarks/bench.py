@@ -9,7 +9,7 @@
 
 Every figure comes from the real code path: ``state.build_model``, ``state.make_optimizer``,
 ``state.create_train_state``, ``train.jit_train_step`` (explicit shardings, donated state),
-``train.predict_step`` and ``inference.Segmenter``. FLOPs per image come from XLA's cost
+``prediction.predict_step`` and ``inference.Segmenter``. FLOPs per image come from XLA's cost
 analysis of the compiled programs; the peak they are divided by is a dense matmul measured in
 the same run (CPU) or the chip's datasheet peak (``--device``). ``--scaling`` repeats the model
 figures at several sizes and batches, each in a fresh process (own compile, own peak RSS).
@@ -250,7 +250,7 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
     import jax.numpy as jnp
     import numpy as np
 
-    from scse_jax import sharding, train
+    from scse_jax import prediction, sharding, train
     from scse_jax.state import build_model, create_train_state, make_optimizer
     from scse_jax.data.types import CLASS_NAMES
 
@@ -291,7 +291,7 @@ def bench_model(args: argparse.Namespace, peak_gflops: float) -> tuple[dict[str,
     variables = state.variables()
     replicated = sharding.replicated_sharding(mesh)
     predict = jax.jit(
-        functools.partial(train.predict_step, model=model, probabilities=False),
+        functools.partial(prediction.predict_step, model=model, probabilities=False),
         in_shardings=(replicated, sharding.batch_sharding(mesh)),
         out_shardings=sharding.batch_sharding(mesh),
     )

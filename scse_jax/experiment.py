@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from scse_jax import evaluate, files, plots, sharding, train
+from scse_jax import compilation, evaluate, files, plots, sharding, train
 from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
@@ -209,7 +209,7 @@ def run_study(
     """
     configs = load_study_configs(config_paths, overrides, folds)
     names = list(configs)
-    train.use_compilation_cache(next(iter(configs.values())).data)
+    compilation.use_compilation_cache(next(iter(configs.values())).data)
     rows_by_model: dict[str, list[dict]] = {name: [] for name in names}
     missing = []
     for seed in seeds:
