@@ -4,14 +4,15 @@ Any config field can be overridden, e.g. --config.train.num_epochs=2.
 """
 
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>-<time>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder (default: runs/<config name>, so the same command resumes or reports a run)."
+)
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "Split the CPU into this many JAX devices (one per core is fastest); 0: JAX's default."
 )
@@ -40,7 +41,7 @@ def main(argv):
     try:
         if _CPU_DEVICES.value:
             sharding.use_cpu_devices(_CPU_DEVICES.value)
-        workdir = _WORKDIR.value or str(Path("runs") / f"{Path(flags.FLAGS['config'].config_filename).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        workdir = _WORKDIR.value or str(Path("runs") / Path(flags.FLAGS["config"].config_filename).stem)
         train.train_and_evaluate(config, workdir)
     except RunStopped as stopped:  # asked for: the checkpoint is saved
         print(stopped, flush=True)

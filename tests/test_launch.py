@@ -92,3 +92,25 @@ def test_a_restart_keeps_one_record_per_epoch_of_a_log_with_repeats(tmp_path):
     log.roll_back_to(1)
     log.close()
     assert [(r["split"], r["epoch"], r["loss"]) for r in log.read_records()] == [("train", 1, 0.7), ("val", 1, 0.6)]
+
+
+def test_without_a_workdir_the_run_goes_to_runs_config_name_and_the_same_command_resumes_it(tmp_path):
+    data_root = write_tiny_tree(tmp_path / "chaos")
+    args = [arg for arg in launch_args(tmp_path, data_root, tmp_path / "cache") if not arg.startswith("--workdir")]
+    args[1] = str(REPO / "launch.py")
+    args[args.index("configs/default.py")] = str(REPO / "configs" / "default.py")
+    args.append("--config.train.num_epochs=1")
+    here = tmp_path / "here"
+    here.mkdir()
+
+    def launch():
+        return subprocess.run(args, cwd=here, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+    first = launch()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert sorted(p.name for p in (here / "runs").iterdir()) == ["default"]
+    assert (here / "runs" / "default" / "metrics.jsonl").exists()
+    second = launch()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Resuming from step" in second.stdout
+    assert sorted(p.name for p in (here / "runs").iterdir()) == ["default"]

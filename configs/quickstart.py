@@ -1,0 +1,19 @@
+"""The CPU recipe on the built-in synthetic phantoms, sized to finish in minutes on a laptop.
+
+    python launch.py --config configs/quickstart.py
+
+configs/mr_scse_cpu.py with a batch of 4, so that the phantoms' five training patients still
+give 20 Adam steps an epoch, for 16 epochs. Phantoms are far easier than real abdomens: the
+Dice it ends with shows that the pipeline learns, not how well the model segments patients
+(docs/results/ has that).
+"""
+
+from configs import mr_scse_cpu
+
+
+def get_config():
+    config = mr_scse_cpu.get_config()
+    config.train.batch_size = 4
+    config.train.num_epochs = 16
+    config.train.decay_epochs = 8
+    return config
