@@ -730,8 +730,9 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    from scse_jax import plots
+
+    plots.save_figure(figure, path, dpi=120)
 
 
 def plot_title(results: dict[str, Any]) -> str:

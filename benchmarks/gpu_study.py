@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scse_jax import files  # importable: gpu_study.sh puts the checkout on PYTHONPATH
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BENCH = PROJECT_ROOT / "benchmarks" / "bench.py"
 STUDY_CONFIGS = ("configs/mr_unet_cpu.py", "configs/mr_scse_cpu.py")
@@ -274,7 +276,9 @@ def plot_speed(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         axes.grid(True, axis="x", alpha=0.3)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    from scse_jax import plots
+
+    plots.save_figure(figure, path, dpi=120)
 
 
 def study_summary(folder: Path, folds: int, seeds: list[int]) -> dict[str, Any]:
@@ -355,10 +359,7 @@ class Study:
 
     def write_summary(self) -> None:
         self.summary["elapsed_s"] = time.monotonic() - self.start
-        path = self.args.out / "gpu_study.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        files.write_text(self.args.out / "gpu_study.json", json.dumps(self.summary, indent=2, default=str) + "\n")
 
     def record(self, name: str, outcome: dict[str, Any]) -> None:
         self.summary["parts"][name] = outcome

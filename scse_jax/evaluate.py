@@ -24,7 +24,6 @@ Bad input prints one ``error: ...`` line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -34,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from scse_jax import files, metrics
+from scse_jax import files, metrics, tables
 from scse_jax.data import dicom
 from scse_jax.data.labels import read_ground
 from scse_jax.data.types import CLASS_NAMES
 from scse_jax.errors import ConfigError, DataError, ScseError
-from scse_jax.postprocess import add_largest_component_flag
+from scse_jax.postprocess import add_largest_component_flag, postprocessed
 
 ROW_FIELDS = ("patient", "organ") + metrics.METRIC_NAMES + ("volume_ratio",) + metrics.FALSE_POSITIVE_SITES
 _TABLE_HEADERS = ("patient", "organ", "Dice", "Jaccard", "RAVD (%)", "ASSD (mm)", "MSSD (mm)")
@@ -97,28 +96,17 @@ def evaluate_png_series(
     return modality, {CLASS_NAMES[class_id]: values for class_id, values in scores.items()}
 
 
-def _format_value(value: float) -> str:
-    return f"{value:.3f}" if math.isfinite(value) else str(value)
-
-
 def results_table(rows: Sequence[Mapping]) -> str:
     """A markdown table of result rows (patient, organ, the five metrics to three decimals)."""
-    lines = ["| " + " | ".join(_TABLE_HEADERS) + " |", "|" + "---|" * len(_TABLE_HEADERS)]
-    for row in rows:
-        cells = [str(row["patient"]), str(row["organ"])]
-        cells += [_format_value(float(row[name])) for name in metrics.METRIC_NAMES]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return tables.render(
+        _TABLE_HEADERS,
+        ([row["patient"], row["organ"]] + [tables.format_value(row[name]) for name in metrics.METRIC_NAMES] for row in rows),
+    )
 
 
 def write_csv(rows: Sequence[Mapping], path: Path | str) -> None:
     """Writes result rows as CSV (columns ROW_FIELDS), atomically: all of it or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_write(path, newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=ROW_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    tables.write_csv(rows, path, ROW_FIELDS)
 
 
 def _json_ready(value):
@@ -128,7 +116,7 @@ def _json_ready(value):
 
 
 def _summary_line(values: Mapping[str, float]) -> str:
-    return " ".join(f"{name.upper()}={_format_value(values[name])}" for name in metrics.METRIC_NAMES)
+    return " ".join(f"{name.upper()}={tables.format_value(values[name])}" for name in metrics.METRIC_NAMES)
 
 
 def score_prediction(prediction: np.ndarray, case, class_names: Sequence[str]) -> list[dict]:
@@ -158,21 +146,20 @@ def summarise_rows(rows: Sequence[Mapping], class_names: Sequence[str]) -> dict[
     Dice and Jaccard over organs."""
     summary: dict[str, Any] = {"dice": {}, "jaccard": {}, "volume_ratio": {}}
     for organ in class_names[1:]:
-        organ_rows = [row for row in rows if row["organ"] == organ]
+        of_organ = tables.organ_rows(rows, organ)
         for metric in summary:
-            summary[metric][organ] = float(np.mean([row[metric] for row in organ_rows])) if organ_rows else math.nan
+            summary[metric][organ] = float(np.mean([row[metric] for row in of_organ])) if of_organ else math.nan
     summary["dice_mean"] = float(np.nanmean(list(summary["dice"].values())))
     summary["jaccard_mean"] = float(np.nanmean(list(summary["jaccard"].values())))
     return summary
 
 
 def dice_table(summary: Mapping[str, Any]) -> str:
-    """A small text table of per-organ Dice and Jaccard and their means (`summarise_rows`)."""
-    lines = [f"{'organ':<14}{'dice':>8}{'jaccard':>10}"]
-    for organ, dice in summary["dice"].items():
-        lines.append(f"{organ:<14}{dice:>8.3f}{summary['jaccard'][organ]:>10.3f}")
-    lines.append(f"{'mean':<14}{summary['dice_mean']:>8.3f}{summary['jaccard_mean']:>10.3f}")
-    return "\n".join(lines)
+    """A plain-text table of per-organ Dice and Jaccard and their means (`summarise_rows`)."""
+    cells = [[organ, tables.format_value(dice), tables.format_value(summary["jaccard"][organ])]
+             for organ, dice in summary["dice"].items()]
+    cells.append(["mean", tables.format_value(summary["dice_mean"]), tables.format_value(summary["jaccard_mean"])])
+    return tables.render(("organ", "dice", "jaccard"), cells, markdown=False)
 
 
 def score_checkpoint(
@@ -182,20 +169,43 @@ def score_checkpoint(
 
     Returns (rows, predictions by case key, the prepared cases, the segmenter).
     """
+    segmenter, cases = _checkpoint_and_split(path, split, which, largest_component)
+    rows, predictions = score_cases(cases, segmenter.segment_case, segmenter.class_names)
+    return rows, predictions, cases, segmenter
+
+
+def score_checkpoint_postprocessings(
+    path: Path | str, choices: Mapping[str, bool], *, split: str = "test", which: str = "best"
+) -> dict[str, list[dict]]:
+    """Scores a run's checkpoint once per post-processing choice ({name: largest_component}),
+    from one restore and one prediction per case: each choice post-processes the same
+    native-grid prediction. Returns the rows per choice."""
+    segmenter, cases = _checkpoint_and_split(path, split, which, largest_component=False)
+    num_classes = len(segmenter.class_names)
+    rows: dict[str, list[dict]] = {name: [] for name in choices}
+    for case in cases:
+        native = segmenter.segment_case(case)
+        for name, largest_component in choices.items():
+            labels = postprocessed(native, num_classes=num_classes, largest_component=largest_component)
+            rows[name] += score_prediction(labels, case, segmenter.class_names)
+    return rows
+
+
+def _checkpoint_and_split(path: Path | str, split: str, which: str, largest_component: bool | None):
+    """(the segmenter of a run's checkpoint, the prepared cases of one split of its config)."""
     from scse_jax.data.run_data import prepare_split
     from scse_jax.inference import Segmenter
 
     if split not in ("test", "val"):
         raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
     segmenter = Segmenter.from_checkpoint(path, which=which, largest_component=largest_component)
-    cases = prepare_split(_on_this_machine(segmenter.config), split)
+    cases = prepare_split(config_on_this_machine(segmenter.config), split)
     if not cases:
         raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
-    rows, predictions = score_cases(cases, segmenter.segment_case, segmenter.class_names)
-    return rows, predictions, cases, segmenter
+    return segmenter, cases
 
 
-def _on_this_machine(config):
+def config_on_this_machine(config):
     """The run's config, reading its cache folder only where it exists here: a checkpoint
     from elsewhere names a cache_dir of another machine, which must not be created here (the
     prepared cases, and the synthetic data, go to this machine's default cache instead)."""
@@ -210,11 +220,13 @@ def _on_this_machine(config):
 
 
 def _score_checkpoint_command(args) -> int:
+    from scse_jax import compilation
+
     if args.csv:
         files.check_file_target(args.csv, "--csv")  # before the scoring, not after it
-    rows, _, _, segmenter = score_checkpoint(
-        args.checkpoint, split=args.split, which=args.which, largest_component=args.largest_component
-    )
+    segmenter, cases = _checkpoint_and_split(args.checkpoint, args.split, args.which, args.largest_component)
+    compilation.use_compilation_cache(config_on_this_machine(segmenter.config).data)
+    rows, _ = score_cases(cases, segmenter.segment_case, segmenter.class_names)
     print(f"{args.split} patients, checkpoint step {segmenter.step} of {args.checkpoint}:")
     print(results_table(rows))
     if args.csv:

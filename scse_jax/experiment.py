@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from scse_jax import compilation, evaluate, files, plots, sharding, train
+from scse_jax import compilation, evaluate, files, plots, sharding, tables, train
 from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
@@ -41,7 +41,7 @@ POSTPROCESSING = {"none": False, "largest_component": True}
 
 def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     """Trains (or resumes) one run and scores its best checkpoint on the held-out patients,
-    once per POSTPROCESSING choice (column "postprocess").
+    once per POSTPROCESSING choice (column "postprocess"), from one prediction per patient.
 
     A run stopped by SIGTERM/SIGINT raises RunStopped from training and is never scored, so
     the next call resumes it.
@@ -51,13 +51,9 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
         with scores_path.open() as stream:
             return [_typed_row(row) for row in csv.DictReader(stream)]
     train.train_and_evaluate(config, workdir)
-    rows = []
-    for name, largest_component in POSTPROCESSING.items():
-        scored, _, _, _ = evaluate.score_checkpoint(
-            workdir, split="test", which="best", largest_component=largest_component
-        )
-        rows += [{**row, "postprocess": name} for row in scored]
-    _write_all_rows(rows, scores_path)
+    scored = evaluate.score_checkpoint_postprocessings(workdir, POSTPROCESSING, split="test", which="best")
+    rows = [{**row, "postprocess": name} for name, of_choice in scored.items() for row in of_choice]
+    tables.write_csv(rows, scores_path)
     return rows
 
 
@@ -91,18 +87,15 @@ def seed_means(rows: list[dict], metric: str = "dice") -> dict[int, float]:
 def results_markdown(rows_by_model: dict[str, list[dict]], organs: list[str]) -> str:
     """Per model: mean ± std over held-out patients and seeds (one value per patient and seed),
     per organ and over organs, and the predicted / true volume."""
-    lines = [
-        "| model | organ | Dice | Jaccard | RAVD (%) | ASSD (mm) | MSSD (mm) | volume ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    header = ("model", "organ", "Dice", "Jaccard", "RAVD (%)", "ASSD (mm)", "MSSD (mm)", "volume ratio")
+    cells = []
     for model, rows in rows_by_model.items():
         for organ in organs:
-            organ_rows = [row for row in rows if row["organ"] == organ]
-            cells = [mean_std(row[m] for row in organ_rows) for m in SUMMARY_METRICS]
-            lines.append(f"| {model} | {organ} | " + " | ".join(cells) + " |")
+            of_organ = tables.organ_rows(rows, organ)
+            cells.append([model, organ] + [mean_std(row[m] for row in of_organ) for m in SUMMARY_METRICS])
         overall = [mean_std(per_patient_mean(rows, m).values()) for m in SUMMARY_METRICS]
-        lines.append(f"| {model} | **mean of organs** | " + " | ".join(f"**{c}**" for c in overall) + " |")
-    return "\n".join(lines)
+        cells.append([model, "**mean of organs**"] + [f"**{cell}**" for cell in overall])
+    return tables.render(header, cells).rstrip("\n")
 
 
 def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str = "dice") -> dict[str, float]:
@@ -229,7 +222,7 @@ def run_study(
     all_rows = [{"model": name, **row} for name, rows in rows_by_model.items() for row in rows]
     if not all_rows:
         raise ConfigError(f"no finished runs in {out} to report on")
-    _write_all_rows(all_rows, out / "results.csv")
+    tables.write_csv(all_rows, out / "results.csv")
     chosen = {
         name: [r for r in rows if r["postprocess"] == _postprocess_name(configs[name])]
         for name, rows in rows_by_model.items()
@@ -278,14 +271,6 @@ def run_study(
 
 def _postprocess_name(config: ml_collections.ConfigDict) -> str:
     return "largest_component" if config.eval.get("largest_component", False) else "none"
-
-
-def _write_all_rows(rows: list[dict], path: Path) -> None:
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with files.atomic_write(path, newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -21,12 +21,13 @@ def loss_points(records: list[dict[str, Any]], split: str) -> list[tuple[int, fl
     return sorted((r["epoch"], r["loss"]) for r in records if r.get("split") == split and "loss" in r)
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Writes a figure atomically (files.atomic_write), in the format its suffix names."""
+def save_figure(fig: Figure, path: Path, *, dpi: float | None = None) -> Path:
+    """Writes a figure atomically (files.atomic_write), in the format its suffix names, at
+    ``dpi`` (default: the figure's own)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(path, "wb") as stream:
-        fig.savefig(stream, format=path.suffix.lstrip(".") or "png")
+        fig.savefig(stream, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     return path
 
 

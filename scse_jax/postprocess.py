@@ -44,9 +44,13 @@ def to_native(
     """Class ids (slices, S, S) on the training grid -> (slices, rows, cols) on the native grid,
     with each organ reduced to its largest connected component when ``largest_component``."""
     native = resize_to_native(np.asarray(grid_labels).astype(np.uint8), native_rows_cols)
-    if largest_component:
-        native = keep_largest_components(native, range(1, num_classes))
-    return native
+    return postprocessed(native, num_classes=num_classes, largest_component=largest_component)
+
+
+def postprocessed(native_labels: np.ndarray, *, num_classes: int, largest_component: bool) -> np.ndarray:
+    """Native-grid class ids after the post-processing choice: each organ reduced to its
+    largest connected component when ``largest_component``, else as they are."""
+    return keep_largest_components(native_labels, range(1, num_classes)) if largest_component else native_labels
 
 
 def add_largest_component_flag(parser: argparse.ArgumentParser) -> None:

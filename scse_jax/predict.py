@@ -120,14 +120,17 @@ def _check_replaceable(folder: Path, *, nifti: bool, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from scse_jax import compilation
     from scse_jax.data import dicom
     from scse_jax.data.types import Volume
+    from scse_jax.evaluate import config_on_this_machine
     from scse_jax.inference import Segmenter
 
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise ScseError(f"--input {input_path} does not exist")
     segmenter = Segmenter.from_checkpoint(args.checkpoint, which=args.which, largest_component=args.largest_component)
+    compilation.use_compilation_cache(config_on_this_machine(segmenter.config).data)
     jobs = _jobs(input_path, output, segmenter.config.data.modality, tuple(segmenter.config.data.sequences))
     for _, files, folder in jobs:
         _check_replaceable(folder, nifti=args.format == "nifti", force=args.force)

@@ -48,21 +48,14 @@ def eval_step(
     class_weights: jax.Array,
     *,
     model,
-    ce_weight: float,
-    dice_weight: float,
-    boundary_weight: float,
+    **loss_weights: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`predict_step`'s class ids, and the loss over the batch's valid rows (``batch["valid"]``)."""
+    """`predict_step`'s class ids, and the loss over the batch's valid rows (``batch["valid"]``),
+    with `losses.segmentation_loss`'s ``loss_weights`` (`train.loss_settings`)."""
     logits = model.apply(variables, batch["image"], train=False)
     labels = jnp.argmax(_probabilities(variables, batch["image"], logits, model=model, tta=False), axis=-1)
     _, parts = losses.segmentation_loss(
-        logits,
-        batch["label"],
-        class_weights,
-        ce_weight=ce_weight,
-        dice_weight=dice_weight,
-        boundary_weight=boundary_weight,
-        example_mask=batch["valid"],
+        logits, batch["label"], class_weights, example_mask=batch["valid"], **loss_weights
     )
     return labels.astype(jnp.uint8), parts
 

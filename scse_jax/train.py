@@ -43,13 +43,12 @@ def train_step(
     *,
     model: UNet,
     tx: optax.GradientTransformation,
-    ce_weight: float,
-    dice_weight: float,
-    boundary_weight: float,
+    **loss_weights: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on a global batch; BatchNorm statistics are over the global batch.
 
-    ``state`` is donated by the jitted wrapper: do not use it after the call.
+    ``loss_weights`` are `losses.segmentation_loss`'s weights (`loss_settings`). ``state`` is
+    donated by the jitted wrapper: do not use it after the call.
     """
 
     def loss_fn(params):
@@ -59,14 +58,7 @@ def train_step(
             train=True,
             mutable=["batch_stats"],
         )
-        loss, parts = losses.segmentation_loss(
-            logits,
-            batch["label"],
-            class_weights,
-            ce_weight=ce_weight,
-            dice_weight=dice_weight,
-            boundary_weight=boundary_weight,
-        )
+        loss, parts = losses.segmentation_loss(logits, batch["label"], class_weights, **loss_weights)
         return loss, (parts, updates["batch_stats"])
 
     (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -577,7 +569,7 @@ def _write_run_summary(run: _Run, summary: dict[str, Any] | None, predictions: d
     run.log.close()
     if summary:
         print("Validation (native resolution, mean over validation patients):")
-        print(evaluate.dice_table(summary), flush=True)
+        print(evaluate.dice_table(summary), end="", flush=True)
 
 
 def _stopped(signal_name: str, step: int, run: _Run) -> RunStopped:

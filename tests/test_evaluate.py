@@ -205,6 +205,14 @@ def test_results_table():
     assert len(lines) == 4
 
 
+def test_dice_table_lists_each_organ_and_the_mean():
+    summary = evaluate.summarise_rows([{**row, "volume_ratio": 1.0} for row in ROWS], ("background", "liver", "spleen"))
+    lines = evaluate.dice_table(summary).splitlines()
+    assert [line.split() for line in lines] == [
+        ["organ", "dice", "jaccard"], ["liver", "0.978", "0.958"], ["spleen", "0.000", "0.000"], ["mean", "0.489", "0.479"]
+    ]
+
+
 def test_write_csv_round_trip(tmp_path):
     path = tmp_path / "out" / "scores.csv"
     evaluate.write_csv(ROWS, path)
@@ -269,3 +277,15 @@ def test_a_checkpoint_from_elsewhere_never_creates_its_cache_dir(tiny_trained_ru
     rows, _, _, _ = evaluate.score_checkpoint(run, split="val")
     assert rows and not (tmp_path / "elsewhere").exists()
     assert list((tmp_path / "default_cache" / "prepared").glob("*.npz"))
+
+
+def test_checkpoint_scoring_keeps_compiled_prediction_in_the_runs_compile_cache(tiny_trained_run, monkeypatch):
+    from scse_jax import compilation
+    from scse_jax.prediction import Predictor
+
+    calls, predict = [], Predictor.predict
+    monkeypatch.setattr(compilation, "use_compilation_cache", lambda data: calls.append(("cache", data.cache_dir)))
+    monkeypatch.setattr(Predictor, "predict", lambda *a, **k: calls.append(("predict",)) or predict(*a, **k))
+    assert evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--split", "val"]) == 0
+    run_cache = json.loads((tiny_trained_run[0] / "config.json").read_text())["data"]["cache_dir"]
+    assert calls[0] == ("cache", run_cache) and set(calls[1:]) == {("predict",)}

@@ -53,6 +53,32 @@ def test_a_stopped_run_is_not_scored_and_the_next_call_resumes_it(tmp_path, stud
     assert all("volume_ratio" in row for row in rows)
 
 
+def test_run_fold_scores_both_postprocessings_from_one_restore_and_one_prediction_per_patient(
+    tmp_path, study_settings, fake_training, monkeypatch
+):
+    from scse_jax import evaluate
+    from scse_jax.inference import Segmenter
+    from scse_jax.prediction import Predictor
+
+    restores, predictions = [], []
+    from_checkpoint, predict = Segmenter.from_checkpoint.__func__, Predictor.predict
+    monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(
+        lambda cls, *args, **kwargs: restores.append(args) or from_checkpoint(cls, *args, **kwargs)
+    ))
+    monkeypatch.setattr(Predictor, "predict", lambda self, *args, **kwargs: predictions.append(1) or predict(
+        self, *args, **kwargs
+    ))
+    workdir = tmp_path / "mr_unet" / "seed0" / "fold0"
+    rows = experiment.run_fold(experiment.load_study_configs(CONFIGS[:1], study_settings, 4)["mr_unet"], workdir)
+    patients = {row["patient"] for row in rows}
+    assert len(restores) == 1 and len(predictions) == len(patients)
+
+    for name, largest_component in experiment.POSTPROCESSING.items():  # as scored one choice at a time
+        expected, _, _, _ = evaluate.score_checkpoint(workdir, largest_component=largest_component)
+        scored = [{k: v for k, v in row.items() if k != "postprocess"} for row in rows if row["postprocess"] == name]
+        assert scored == expected
+
+
 def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study_settings, fake_training):
     experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0], overrides=study_settings)
     fake_training.clear()

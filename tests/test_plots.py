@@ -25,3 +25,14 @@ def test_save_figure_writes_the_named_format_and_leaves_no_temporary_file(tmp_pa
 def test_plot_loss_curves_writes_a_png(tmp_path):
     records = [{"split": "train", "epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
     assert plots.plot_loss_curves(records, tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_save_figure_at_a_given_dpi_or_the_figures_own(tmp_path):
+    from PIL import Image
+
+    fig = Figure(figsize=(2, 1), dpi=40)
+    fig.subplots().plot([0, 1], [1, 0])
+    with Image.open(plots.save_figure(fig, tmp_path / "own.png")) as own:
+        assert own.size == (80, 40)
+    with Image.open(plots.save_figure(fig, tmp_path / "set.png", dpi=120)) as given:
+        assert given.size == (240, 120)

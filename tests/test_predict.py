@@ -108,3 +108,16 @@ def test_which_that_is_no_step_is_one_line(tiny_trained_run, tiny_data, tmp_path
     assert predict.main([*args, "--which", "abc"]) == 1
     assert capsys.readouterr().err == "error: --which 'abc': expected latest, best or a step number\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_keeps_compiled_prediction_in_the_runs_compile_cache(tiny_trained_run, tiny_data, tmp_path, monkeypatch):
+    from scse_jax import compilation
+    from scse_jax.prediction import Predictor
+
+    calls, predict_fn = [], Predictor.predict
+    monkeypatch.setattr(compilation, "use_compilation_cache", lambda data: calls.append(("cache", data.cache_dir)))
+    monkeypatch.setattr(Predictor, "predict", lambda *a, **k: calls.append(("predict",)) or predict_fn(*a, **k))
+    series = next(p.parent for p in sorted(tiny_data[0].rglob("*.dcm")))
+    args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(series), "--output", str(tmp_path / "out")]
+    assert predict.main(args) == 0
+    assert calls[0] == ("cache", str(tiny_data[1])) and calls[1:] == [("predict",)]

@@ -76,7 +76,7 @@ def test_resume_refuses_another_patient_split(tiny_trained_run, tiny_data, tmp_p
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     name = field.replace("__", ".")
     with pytest.raises(CheckpointError, match=f"{name}: checkpoint .* vs config {value}"):
-        train.train_and_evaluate(tiny_config(*tiny_data, **{field: value}), tmp_path / "run")
+        train.train_and_evaluate(tiny_config(*tiny_data, f"--config.{name}={value}"), tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
