@@ -578,3 +578,15 @@ def test_read_modality_names_the_file_of_a_series_that_is_neither_ct_nor_mr(tiny
     dataset.save_as(path)
     with pytest.raises(DataError, match=r"us\.dcm: Modality 'US' is neither CT nor MR"):
         dicom.read_modality(path)
+
+
+def test_file_size_limit_and_an_unreadable_file_name_the_file(tmp_path):
+    from scse_jax.data import limits
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * 101)
+    with pytest.raises(DataError, match="big.png: 101 bytes exceeds the PNG file limit of 100 bytes"):
+        limits.check_file_size(big, 100, "ground-truth PNG", "PNG file limit")
+    with pytest.raises(DataError, match="gone.png: cannot read ground-truth PNG"):
+        limits.check_file_size(tmp_path / "gone.png", 100, "ground-truth PNG", "PNG file limit")
+    limits.check_file_size(big, 101, "ground-truth PNG", "PNG file limit")

@@ -104,12 +104,7 @@ def read_series(files: Sequence[Path | str]) -> tuple[np.ndarray, Geometry]:
 
 
 def _read(path: Path, *, stop_before_pixels: bool) -> pydicom.Dataset:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read DICOM file ({exc.strerror or exc})") from exc
-    if size > MAX_FILE_BYTES:
-        raise DataError(f"{path}: {size} bytes exceeds the DICOM file limit of {MAX_FILE_BYTES} bytes")
+    limits.check_file_size(path, MAX_FILE_BYTES, "DICOM file", "DICOM file limit")
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=False)
     except Exception as exc:  # pydicom raises many types on malformed input; all mean "bad file".

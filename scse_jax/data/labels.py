@@ -41,12 +41,7 @@ def read_png_gray(path: Path | str) -> np.ndarray:
 
 def _read_png(path: Path) -> tuple[np.ndarray, str]:
     """The gray values and the PNG's own Pillow mode ("1" for 1-bit)."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ground-truth PNG ({exc.strerror or exc})") from exc
-    if size > MAX_PNG_FILE_BYTES:
-        raise DataError(f"{path}: {size} bytes exceeds the PNG file limit of {MAX_PNG_FILE_BYTES} bytes")
+    limits.check_file_size(path, MAX_PNG_FILE_BYTES, "ground-truth PNG", "PNG file limit")
     try:
         with Image.open(path, formats=["PNG"]) as image:
             width, height = image.size

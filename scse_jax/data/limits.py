@@ -29,3 +29,14 @@ def check_decoded_size(source: Path | str, shape: Sequence[int], dtype, what: st
             f"{source}: a {dims} {what} of {dtype.name} decodes to {decoded} bytes, over the limit of "
             f"{MAX_DECODED_BYTES} bytes"
         )
+
+
+def check_file_size(path: Path, limit: int, what: str, limit_name: str) -> None:
+    """DataError naming `path` when it cannot be read (`what`: "DICOM file") or holds more than
+    `limit` bytes (`limit_name`: "DICOM file limit")."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    if size > limit:
+        raise DataError(f"{path}: {size} bytes exceeds the {limit_name} of {limit} bytes")
