@@ -13,8 +13,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder (default: runs/<config name>, so the same command resumes or reports a run)."
 )
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "Split the CPU into this many JAX devices (one per core is fastest); 0: JAX's default."
+_CPU_DEVICES = flags.DEFINE_string(
+    "cpu_devices", "auto",
+    "JAX devices the CPU is split into: 'auto' (one per physical core, as many as divide the batches) or a count; "
+    "1 for a single device.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -35,12 +37,15 @@ def main(argv):
         sharding.stop_with_parent()
     elif sharding.is_multi_process(config.distributed):
         sys.exit(sharding.supervise([sys.executable, *sys.orig_argv[1:]]))
-    from scse_jax import compilation, train
+    from scse_jax import compilation, cpu_layout, train
 
     compilation.use_compilation_cache(config.data)
     try:
-        if _CPU_DEVICES.value:
-            sharding.use_cpu_devices(_CPU_DEVICES.value)
+        cpu_layout.set_up(
+            _CPU_DEVICES.value,
+            (config.train.batch_size, config.eval.batch_size),
+            multi_process=sharding.is_multi_process(config.distributed),
+        )
         workdir = _WORKDIR.value or str(Path("runs") / Path(flags.FLAGS["config"].config_filename).stem)
         train.train_and_evaluate(config, workdir)
     except RunStopped as stopped:  # asked for: the checkpoint is saved

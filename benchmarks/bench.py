@@ -87,8 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", action="store_true", help="run on the accelerator, against its peak")
     parser.add_argument("--plain-malloc", action="store_true", help="do not enable malloc huge pages")
     parser.add_argument(
-        "--cpu-devices", type=int, default=0,
-        help="split the CPU into this many JAX devices, the batch sharded over them (launch.py --cpu_devices)",
+        "--cpu-devices", default="auto",
+        help="JAX devices the CPU is split into, the batch sharded over them: auto (one per physical core, "
+        "as many as divide --batch) or a count (launch.py --cpu_devices)",
     )
     parser.add_argument(
         "--xla-kernel-gradient", action="store_true",
@@ -626,10 +627,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    if args.cpu_devices and not args.device:
-        from scse_jax import sharding
+    layout = None
+    if not args.device:
+        from scse_jax import cpu_layout
 
-        sharding.use_cpu_devices(args.cpu_devices)
+        layout = cpu_layout.set_up(args.cpu_devices, [args.batch])
 
     if args.device and jax.default_backend() == "cpu":
         raise SystemExit("--device: no accelerator found (jax.default_backend() is 'cpu')")
@@ -641,6 +643,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             "batch": args.batch, "size": args.size, "features": args.features, "se": args.se,
             "dtype": args.dtype, "kernel_gradient": "xla" if args.xla_kernel_gradient else "fast",
             "steps": args.steps, "warmup": args.warmup, "quick": args.quick, "cpu_devices": args.cpu_devices,
+            "cpu_layout": layout.describe() if layout else None,
         },
         "machine": machine,
     }
@@ -752,6 +755,7 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     lines = [
+        *filter(None, [results["settings"].get("cpu_layout")]),
         f"matmul peak {results['gemm_gflops']:.1f} GFLOP/s ({results['peak_source']})",
         f"train {results['train_images_per_s']:.2f} img/s, {results['train_gflop_per_image']:.2f} GFLOP/img, "
         f"{100 * results['train_fraction_of_peak']:.1f}% of peak; compile {results['compile_s']:.1f} s",

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from scse_jax import checkpoint, sharding
+from scse_jax import checkpoint, cpu_layout, sharding
 from scse_jax.data import pipeline, preprocess
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import Volume
@@ -26,7 +26,11 @@ from scse_jax.state import abstract_train_state, build_model, make_optimizer
 
 
 class Segmenter:
-    """A trained network with its preprocessing, ready to segment slices, volumes and series."""
+    """A trained network with its preprocessing, ready to segment slices, volumes and series.
+
+    Made before JAX has started, it splits the CPU into one JAX device per physical core
+    (`cpu_layout`, the fastest layout); JAX_NUM_CPU_DEVICES=1 keeps one device.
+    """
 
     def __init__(
         self,
@@ -47,11 +51,13 @@ class Segmenter:
         self.class_names = tuple(class_names)
         self.step = step
         self.settings = preprocess.PreprocessSettings(image_size=config.data.image_size)
-        mesh = sharding.make_data_mesh()
+        batch_size = batch_size or config.eval.batch_size
+        cpu_layout.set_up(cpu_layout.AUTO, [batch_size])
+        mesh = sharding.make_data_mesh(cpu_layout.devices_for_batch(batch_size))
         self.predictor = Predictor(
             build_model(config.model, len(self.class_names)),
             mesh,
-            batch_size=batch_size or config.eval.batch_size,
+            batch_size=batch_size,
             image_size=config.data.image_size,
             context_slices=config.data.get("context_slices", 0),
         )
@@ -79,6 +85,7 @@ class Segmenter:
         """
         if which not in ("latest", "best") and not str(which).isdigit():
             raise ConfigError(f"--which {which!r}: expected latest, best or a step number")
+        cpu_layout.set_up(cpu_layout.AUTO, [batch_size] if batch_size else [])
         directory = checkpoint.checkpoint_dir(path)
         ckpts = checkpoint.Checkpoints(directory, read_only=True)
         try:

@@ -120,6 +120,7 @@ def _check_replaceable(folder: Path, *, nifti: bool, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from scse_jax import cpu_layout
     from scse_jax import compilation
     from scse_jax.data import dicom
     from scse_jax.data.types import Volume
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise ScseError(f"--input {input_path} does not exist")
+    cpu_layout.set_up(args.cpu_devices)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, which=args.which, largest_component=args.largest_component)
     compilation.use_compilation_cache(config_on_this_machine(segmenter.config).data)
     jobs = _jobs(input_path, output, segmenter.config.data.modality, tuple(segmenter.config.data.sequences))
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--which", default="latest", help="latest, best, or a step number")
     parser.add_argument("--tta", action="store_true", help="average over small shifts (test-time augmentation)")
     parser.add_argument("--force", action="store_true", help="overwrite existing results")
+    parser.add_argument(
+        "--cpu-devices", default="auto",
+        help="JAX devices the CPU is split into: auto (one per physical core) or a count, 1 for a single device",
+    )
     add_largest_component_flag(parser)
     args = parser.parse_args(argv)
     try:

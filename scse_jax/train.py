@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scse_jax import checkpoint, evaluate, files, losses, sharding
+from scse_jax import checkpoint, cpu_layout, evaluate, files, losses, sharding
 from scse_jax.compilation import step_compiler_options, step_fits_in_memory
 from scse_jax.data import pipeline
 from scse_jax.data.preprocess import PreparedCase
@@ -389,6 +389,8 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
         print(
             f"Training on {jax.device_count()} {jax.default_backend()} device(s) in "
             f"{jax.process_count()} process(es), global batch {config.train.batch_size}",
+            *filter(None, [cpu_layout.startup_note()]),
+            sep="; ",
             flush=True,
         )
 

@@ -23,7 +23,8 @@ def write_tiny_tree(root: Path) -> Path:
 
 
 def subprocess_env(devices: int = 1) -> dict[str, str]:
-    """One CPU device (unless asked), the tests' persistent compilation cache, no GPU probing."""
+    """One CPU device (unless asked; pinned, so that launch.py's auto layout does not depend on
+    the machine's cores), the tests' persistent compilation cache, no GPU probing."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
         JAX_PLATFORMS="cpu",
@@ -33,8 +34,7 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         PYTHONUNBUFFERED="1",
     )
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_NUM_CPU_DEVICES"] = str(devices)
     return env
 
 
