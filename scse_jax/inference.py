@@ -1,7 +1,7 @@
 """Trained models for notebooks and scripts: one import, one call, one compiled function.
 
     from scse_jax.inference import Segmenter
-    segmenter = Segmenter.from_checkpoint("runs/mr_scse")     # latest; which="best" for the best
+    segmenter = Segmenter.from_checkpoint("runs/mr_scse_cpu")     # latest; which="best" for the best
     labels = segmenter.segment_series("MR/1/T2SPIR/DICOM_anon")  # (slices, rows, cols) class ids
 
 Prediction goes through `prediction.Predictor`, the same path as validation during training.

@@ -1,6 +1,6 @@
 """Segments DICOM series with a trained model and writes CHAOS submission PNGs or NIfTI.
 
-    python -m scse_jax.predict --checkpoint runs/mr_scse --input CHAOS_Test_Sets/Test_Sets \
+    python -m scse_jax.predict --checkpoint runs/mr_scse_cpu --input CHAOS_Test_Sets/Test_Sets \
         --output submission [--format png|nifti] [--which best] [--tta] [--force]
 
 ``--input`` is one DICOM series folder, one case folder (``DICOM_anon/``) or a CHAOS tree.
