@@ -42,6 +42,14 @@ def test_upsample2x_bilinear_equals_jax_image_resize():
     np.testing.assert_allclose(upsample2x_bilinear(x), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_upsample2x_bilinear_gradient_equals_jax_image_resize():
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 6, 3)), jnp.float32)
+    probe = jnp.asarray(np.random.default_rng(4).normal(size=(2, 8, 12, 3)), jnp.float32)
+    mine = jax.grad(lambda x: jnp.sum(upsample2x_bilinear(x) * probe))(x)
+    theirs = jax.grad(lambda x: jnp.sum(jax.image.resize(x, (2, 8, 12, 3), method="bilinear") * probe))(x)
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_unet_gradients_are_the_same_with_either_kernel_gradient():
     from scse_jax.models.unet import UNet
 
