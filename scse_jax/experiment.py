@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from scse_jax import compilation, evaluate, files, plots, sharding, tables, train
+from scse_jax import compilation, cpu_layout, evaluate, files, plots, tables, train
 from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
@@ -170,6 +170,16 @@ def save_comparison_overlays(out: Path, names: list[str], seed: int, fold: int, 
     return paths
 
 
+def study_batch_sizes(config_paths: list[str], overrides: list[str]) -> list[int]:
+    """Every config's train and eval batch: what a CPU layout's device count must divide."""
+    sizes = []
+    for path in config_paths:
+        config = load_config_file(path)
+        apply_overrides(config, overrides)
+        sizes += [config.train.batch_size, config.eval.batch_size]
+    return sizes
+
+
 def load_study_configs(config_paths: list[str], overrides: list[str], folds: int) -> dict[str, ml_collections.ConfigDict]:
     names = [Path(p).stem for p in config_paths]
     if len(set(names)) != len(names):
@@ -291,16 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument(
-        "--cpu-devices", type=int, default=0, help="split the CPU into this many JAX devices (as launch.py --cpu_devices)"
-    )
+        "--cpu-devices", default=cpu_layout.AUTO,
+        help="JAX devices on the CPU: auto (one per physical core, as many as divide the batches) or a count, "
+        "as launch.py --cpu_devices",
+    )  # fmt: skip
     parser.epilog = "--config.FIELD=VALUE (repeatable): an override for every config, as launch.py takes it"
     args, unknown = parser.parse_known_args(argv)
     overrides = [argument for argument in unknown if is_override(argument)]
     if len(overrides) < len(unknown):
         parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if not is_override(a))}")
     try:
-        if args.cpu_devices:
-            sharding.use_cpu_devices(args.cpu_devices)
+        cpu_layout.set_up(args.cpu_devices, study_batch_sizes(args.config, overrides))
         seeds = parse_seeds(args.seeds)
         try:
             args.out.mkdir(parents=True, exist_ok=True)

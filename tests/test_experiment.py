@@ -7,6 +7,7 @@ import pytest
 
 from scse_jax import experiment, train
 from scse_jax.errors import ConfigError, RunStopped
+from tests._launch import REPO
 
 CONFIGS = ["configs/mr_unet.py", "configs/mr_scse.py"]
 
@@ -130,3 +131,22 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
         f"error: --out {tmp_path / 'notes.txt'}: cannot create the study folder (File exists)\n"
     )
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_study_splits_the_cpu_as_every_configs_batches_allow(monkeypatch, tmp_path):
+    requests = []
+
+    class Chosen(Exception):
+        pass
+
+    def set_up(requested, batch_sizes):
+        requests.append((requested, batch_sizes))
+        raise Chosen
+
+    monkeypatch.setattr(experiment.cpu_layout, "set_up", set_up)
+    configs = [arg for name in ("mr_unet_cpu", "mr_scse_cpu") for arg in ("--config", str(REPO / "configs" / f"{name}.py"))]
+    with pytest.raises(Chosen):
+        experiment.main([*configs, "--out", str(tmp_path), "--config.train.batch_size=6"])
+    with pytest.raises(Chosen):
+        experiment.main([*configs, "--out", str(tmp_path), "--cpu-devices", "1"])
+    assert requests == [("auto", [6, 16, 6, 16]), ("1", [10, 16, 10, 16])]
