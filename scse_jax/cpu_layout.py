@@ -104,11 +104,20 @@ def choose_layout(
     return CpuLayout(count, f"auto: the most devices up to the {cores} physical cores that divide batch {batches}")
 
 
+def _backends_started() -> bool:
+    # JAX has no public query for this; where its private one is missing, set_up finds out
+    # when setting the count fails.
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
+
+
 def count_set_elsewhere() -> str | None:
     """Where this process's CPU device count is already decided, if anywhere."""
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    if _backends_started():
         return "JAX has already started"
     if jax.config.jax_num_cpu_devices >= 0:
         return f"jax_num_cpu_devices / JAX_NUM_CPU_DEVICES is {jax.config.jax_num_cpu_devices}"
@@ -126,15 +135,21 @@ def set_up(requested: str | int = AUTO, batch_sizes: Sequence[int] = (), *, mult
     `batch_sizes`: the global batches the devices must divide (none: any count divides).
     """
     global _applied
+    requested_count = parse_cpu_devices(requested)
     layout = choose_layout(
-        parse_cpu_devices(requested),
+        requested_count,
         batch_sizes,
         cores=physical_cores(),
         multi_process=multi_process,
         set_elsewhere=count_set_elsewhere(),
     )
     if layout.devices is not None:
-        sharding.use_cpu_devices(layout.devices)
+        try:
+            sharding.use_cpu_devices(layout.devices)
+        except ConfigError:
+            if requested_count is not None:
+                raise
+            layout = CpuLayout(None, "JAX has already started")
     _applied = layout
     return layout
 

@@ -132,3 +132,14 @@ def test_a_plain_launch_reports_its_auto_layout_in_the_start_up_line(tmp_path):
     (line,) = [line for line in run.stdout if line.startswith("Training on")]
     assert line.startswith(f"Training on {count} cpu device(s) in 1 process(es), global batch 8; CPU layout: {count} JAX "), line
     assert "(auto: " in line, line
+
+
+def test_auto_leaves_a_started_jax_alone_where_the_started_check_cannot_tell(monkeypatch):
+    jax.devices()  # JAX has started in this process
+    monkeypatch.setattr(cpu_layout, "_applied", cpu_layout._applied)  # restored afterwards for other tests
+    monkeypatch.setattr(cpu_layout, "count_set_elsewhere", lambda: None)  # as if JAX's private check were missing
+    monkeypatch.setattr(cpu_layout, "physical_cores", lambda: 2)
+    layout = cpu_layout.set_up("auto", [20])
+    assert layout.devices is None and "already started" in layout.describe()
+    with pytest.raises(ConfigError, match="after JAX has started"):
+        cpu_layout.set_up("3", [])
