@@ -192,14 +192,18 @@ def score_checkpoint_postprocessings(
 
 
 def _checkpoint_and_split(path: Path | str, split: str, which: str, largest_component: bool | None):
-    """(the segmenter of a run's checkpoint, the prepared cases of one split of its config)."""
+    """(the segmenter of a run's checkpoint, the prepared cases of one split of its config);
+    compiled predictions are kept in the compile cache beside those cases."""
+    from scse_jax import compilation
     from scse_jax.data.run_data import prepare_split
     from scse_jax.inference import Segmenter
 
     if split not in ("test", "val"):
         raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
     segmenter = Segmenter.from_checkpoint(path, which=which, largest_component=largest_component)
-    cases = prepare_split(config_on_this_machine(segmenter.config), split)
+    local_config = config_on_this_machine(segmenter.config)
+    compilation.use_compilation_cache(local_config.data)
+    cases = prepare_split(local_config, split)
     if not cases:
         raise DataError(f"the run in {path} has no {split} patients (data.num_folds=1 has no test set)")
     return segmenter, cases
@@ -220,13 +224,11 @@ def config_on_this_machine(config):
 
 
 def _score_checkpoint_command(args) -> int:
-    from scse_jax import compilation
-
     if args.csv:
         files.check_file_target(args.csv, "--csv")  # before the scoring, not after it
-    segmenter, cases = _checkpoint_and_split(args.checkpoint, args.split, args.which, args.largest_component)
-    compilation.use_compilation_cache(config_on_this_machine(segmenter.config).data)
-    rows, _ = score_cases(cases, segmenter.segment_case, segmenter.class_names)
+    rows, _, _, segmenter = score_checkpoint(
+        args.checkpoint, split=args.split, which=args.which, largest_component=args.largest_component
+    )
     print(f"{args.split} patients, checkpoint step {segmenter.step} of {args.checkpoint}:")
     print(results_table(rows))
     if args.csv:
