@@ -25,7 +25,7 @@ import optax
 
 from scse_jax import checkpoint, cpu_layout, evaluate, files, losses, sharding
 from scse_jax.compilation import step_compiler_options, step_fits_in_memory
-from scse_jax.data import pipeline
+from scse_jax.data import intensity, pipeline
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.run_data import StreamedRunData, plan_run_data
 from scse_jax.errors import ConfigError, RunStopped, TrainingError
@@ -246,6 +246,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         f"{config.train.class_weighting!r} is not one of {'|'.join(pipeline.CLASS_WEIGHTINGS)}",
     )
     need(config.train.boundary_weight >= 0, "train.boundary_weight", "must be >= 0")
+    intensity_set = config.data.get("intensity_augmentation", "jitter")
+    need(
+        intensity_set in intensity.INTENSITY_AUGMENTATIONS,
+        "data.intensity_augmentation",
+        f"{intensity_set!r} is not one of {'|'.join(intensity.INTENSITY_AUGMENTATIONS)}",
+    )
     need(config.data.modality in ("CT", "MR"), "data.modality", f"{config.data.modality!r} is not 'CT' or 'MR'")
     for field, allowed in (("se", SE_KINDS), ("se_aggregation", AGGREGATIONS), ("upsample", UPSAMPLINGS)):
         value = config.model[field]
@@ -466,7 +472,13 @@ def _train_epoch(
         epoch=epoch,
         seed=config.train.seed,
         augment=(
-            functools.partial(pipeline.augment_batch, modality=config.data.modality) if config.data.augment else None
+            functools.partial(
+                pipeline.augment_batch,
+                modality=config.data.modality,
+                intensity_set=config.data.get("intensity_augmentation", "jitter"),
+            )
+            if config.data.augment
+            else None
         ),
         process_index=jax.process_index(),
         process_count=jax.process_count(),

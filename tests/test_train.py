@@ -106,6 +106,7 @@ def test_schedule_halves_every_four_epochs():
         ("train.batch_size", 12, "device count"),
         ("train.num_epochs", 0, "> 0"),
         ("model.se", "csse", "none|cse|sse|scse"),
+        ("data.intensity_augmentation", "strong", "jitter|nnunet"),
         ("data.root", "/no/such/folder", "does not exist"),
     ],
 )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
+from scse_jax.data import intensity
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import patient_order
 from scse_jax.errors import ConfigError, DataError
@@ -327,8 +328,6 @@ def iterate_batches(
 _MAX_ROTATION_DEG = 10.0
 _SCALE_RANGE = (0.9, 1.1)
 _MAX_SHIFT_FRACTION = 0.06
-_CONTRAST_RANGE = (0.9, 1.1)
-_BRIGHTNESS = {"CT": 0.05, "MR": 0.1}  # CT lies in [0, 1], MR is z-scored
 
 
 @functools.cache
@@ -338,17 +337,27 @@ def _warp_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def augment_batch(
-    batch: Batch, rng: np.random.Generator | Sequence[np.random.Generator], *, modality: str
+    batch: Batch,
+    rng: np.random.Generator | Sequence[np.random.Generator],
+    *,
+    modality: str,
+    intensity_set: str = "jitter",
 ) -> Batch:
-    """Random rotation, isotropic scale and shift per example, plus intensity jitter.
+    """Random rotation, isotropic scale and shift per example, then intensity augmentation.
 
     The same geometric transform moves image (bilinear) and labels (nearest); each is a
     proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
-    and the kidneys keep their sides. Contrast and brightness are jittered per example.
-    `rng` is one generator for the batch, or one per example (see `iterate_batches`).
+    and the kidneys keep their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
+    ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms),
+    drawn per example. `rng` is one generator for the batch, or one per example (see
+    `iterate_batches`).
     """
-    if modality not in _BRIGHTNESS:
-        raise ConfigError(f"modality must be one of {tuple(_BRIGHTNESS)}, got {modality!r}")
+    if modality not in intensity.JITTER_BRIGHTNESS:
+        raise ConfigError(f"modality must be one of {tuple(intensity.JITTER_BRIGHTNESS)}, got {modality!r}")
+    if intensity_set not in intensity.INTENSITY_AUGMENTATIONS:
+        raise ConfigError(
+            f"intensity augmentation must be one of {intensity.INTENSITY_AUGMENTATIONS}, got {intensity_set!r}"
+        )
     images, labels = batch["image"], batch["label"]
     count, rows, cols = labels.shape
     per_example = not isinstance(rng, np.random.Generator)
@@ -380,9 +389,13 @@ def augment_batch(
 
     # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
     list(_warp_pool().map(warp, range(count)))
-    contrast = uniform(*_CONTRAST_RANGE, (1, 1, 1))
-    brightness = uniform(-_BRIGHTNESS[modality], _BRIGHTNESS[modality], (1, 1, 1))
-    moved_images = moved_images * contrast + brightness
+    if intensity_set == "jitter":
+        contrast = uniform(*intensity.JITTER_CONTRAST, (1, 1, 1))
+        brightness = uniform(-intensity.JITTER_BRIGHTNESS[modality], intensity.JITTER_BRIGHTNESS[modality], (1, 1, 1))
+        moved_images = moved_images * contrast + brightness
+    else:
+        generators = rng if per_example else [rng] * count
+        moved_images = np.stack([intensity.nnunet(moved_images[i], generators[i]) for i in range(count)])
     return dict(
         batch,
         image=moved_images.astype(np.float32),

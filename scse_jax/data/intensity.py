@@ -1,0 +1,91 @@
+"""Intensity augmentation: how bright, how contrasted, how sharp and how noisy a slice is.
+
+Two sets (`data.intensity_augmentation`):
+  "jitter": contrast x U(0.9, 1.1) and brightness + U(-b, b) on every example (applied in
+      `pipeline.augment_batch`); the earlier default, kept so that earlier runs reproduce.
+  "nnunet": nnU-Net's default intensity transforms, each drawn per example with nnU-Net's
+      probability (Isensee et al., Nature Methods 2021; the `get_training_transforms` list of
+      nnU-Net v2 and batchgenerators' color/noise/resample augmentations): Gaussian noise,
+      Gaussian blur, multiplicative brightness, contrast, simulated low resolution, and gamma
+      (also on the inverted image), the last keeping the example's mean and std. A model that
+      reads organs from their absolute grey level fails on a patient whose organs are darker
+      or brighter than the training patients'; these transforms take that cue away.
+
+Every transform acts on one example, all of its channels alike, except the noise: the channels
+of a 2.5-D input are neighbouring slices of one volume, which share one contrast and
+resolution but each have their own noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+INTENSITY_AUGMENTATIONS = ("jitter", "nnunet")
+
+JITTER_CONTRAST = (0.9, 1.1)
+JITTER_BRIGHTNESS = {"CT": 0.05, "MR": 0.1}  # CT lies in [0, 1], MR is z-scored
+
+# nnU-Net v2 defaults: (probability per example, range).
+NOISE = (0.1, (0.0, 0.1))  # standard deviation of the added noise, in normalised units
+BLUR = (0.2, (0.5, 1.0))  # Gaussian sigma in pixels (nnU-Net: each channel with p 0.5)
+BRIGHTNESS = (0.15, (0.75, 1.25))  # multiplier
+CONTRAST = (0.15, (0.75, 1.25))  # factor about the mean, result clipped to the input's range
+LOW_RESOLUTION = (0.25, (0.5, 1.0))  # zoom of the nearest-neighbour downsampling
+GAMMA_INVERTED = (0.1, (0.7, 1.5))
+GAMMA = (0.3, (0.7, 1.5))
+
+
+def nnunet(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """nnU-Net's intensity transforms on one (rows, cols, channels) example, in its order."""
+    image = np.asarray(image, np.float64)
+    if rng.uniform() < NOISE[0]:
+        image = image + rng.normal(0.0, rng.uniform(*NOISE[1]), image.shape)
+    if rng.uniform() < BLUR[0]:
+        image = ndimage.gaussian_filter(image, sigma=(rng.uniform(*BLUR[1]),) * 2 + (0,))
+    if rng.uniform() < BRIGHTNESS[0]:
+        image = image * rng.uniform(*BRIGHTNESS[1])
+    if rng.uniform() < CONTRAST[0]:
+        image = contrast(image, _either_side_of_one(rng, CONTRAST[1]))
+    if rng.uniform() < LOW_RESOLUTION[0]:
+        image = low_resolution(image, rng.uniform(*LOW_RESOLUTION[1]))
+    if rng.uniform() < GAMMA_INVERTED[0]:
+        image = -gamma(-image, _either_side_of_one(rng, GAMMA_INVERTED[1]))
+    if rng.uniform() < GAMMA[0]:
+        image = gamma(image, _either_side_of_one(rng, GAMMA[1]))
+    return image.astype(np.float32)
+
+
+def _either_side_of_one(rng: np.random.Generator, value_range: tuple[float, float]) -> float:
+    """As batchgenerators draws factors: below and above 1 equally often."""
+    low, high = value_range
+    if low < 1 and rng.uniform() < 0.5:
+        return rng.uniform(low, 1.0)
+    return rng.uniform(max(low, 1.0), high)
+
+
+def contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """Scales the deviations from the mean by ``factor``, clipped to the input's range."""
+    mean = image.mean()
+    return np.clip((image - mean) * factor + mean, image.min(), image.max())
+
+
+def low_resolution(image: np.ndarray, zoom: float) -> np.ndarray:
+    """Nearest-neighbour downsampling by ``zoom``, then cubic upsampling back to the grid."""
+    rows, cols = image.shape[:2]
+    small = (max(1, round(rows * zoom)), max(1, round(cols * zoom)))
+    down = ndimage.zoom(image, (small[0] / rows, small[1] / cols, 1), order=0, grid_mode=True, mode="nearest")
+    return ndimage.zoom(
+        down, (rows / down.shape[0], cols / down.shape[1], 1), order=3, grid_mode=True, mode="nearest"
+    )
+
+
+def gamma(image: np.ndarray, exponent: float, epsilon: float = 1e-7) -> np.ndarray:
+    """Gamma on the image mapped to [0, 1], mapped back, then its mean and std restored."""
+    low, spread = image.min(), image.max() - image.min()
+    mean, std = image.mean(), image.std()
+    out = ((image - low) / (spread + epsilon)) ** exponent * (spread + epsilon) + low
+    out_std = out.std()
+    if out_std > 0:
+        out = (out - out.mean()) / out_std * std
+    return out - out.mean() + mean

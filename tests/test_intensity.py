@@ -1,0 +1,104 @@
+"""Tests of the intensity augmentation sets (data/intensity.py) and their use in augment_batch."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scse_jax.data import intensity
+from scse_jax.data.pipeline import augment_batch
+from scse_jax.errors import ConfigError
+
+
+def _image(seed=0, shape=(32, 32, 1)):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(exponent=st.floats(0.7, 1.5), seed=st.integers(0, 1000))
+def test_gamma_keeps_mean_std_and_grey_level_order(exponent, seed):
+    image = _image(seed)
+    out = intensity.gamma(image.astype(np.float64), exponent)
+    assert out.mean() == pytest.approx(image.mean(), abs=1e-5)
+    assert out.std() == pytest.approx(image.std(), rel=1e-5)
+    order = np.argsort(image.ravel(), kind="stable")
+    assert np.all(np.diff(out.ravel()[order]) >= -1e-9)  # monotone: darker stays darker
+
+
+def test_gamma_below_one_lifts_the_dark_tones_towards_the_bright_ones():
+    ramp = np.linspace(0.0, 1.0, 101).reshape(101, 1, 1)
+    out = intensity.gamma(ramp, 0.5)
+    # Relative to the brightest tone, the darkest quarter comes closer after gamma 0.5.
+    span = lambda x: (x[25] - x[0]) / (x[100] - x[0])  # noqa: E731
+    assert span(out) > 1.5 * span(ramp)
+    np.testing.assert_allclose(intensity.gamma(ramp, 1.0), ramp, atol=1e-6)
+
+
+def test_contrast_scales_deviations_and_stays_in_the_input_range():
+    image = _image(1).astype(np.float64)
+    lower = intensity.contrast(image, 0.8)
+    assert lower.std() == pytest.approx(0.8 * image.std())
+    higher = intensity.contrast(image, 1.25)
+    assert image.min() <= higher.min() and higher.max() <= image.max()
+    np.testing.assert_allclose(intensity.contrast(image, 1.0), image)
+
+
+def test_low_resolution_keeps_the_grid_and_removes_detail_finer_than_the_zoom():
+    checkerboard = (np.indices((32, 32)).sum(axis=0) % 2).astype(np.float64)[..., None]
+    out = intensity.low_resolution(checkerboard, 0.5)
+    assert out.shape == checkerboard.shape
+    assert out.std() < 0.05 * checkerboard.std()  # one pixel in two was kept: one colour
+    smooth = np.tile(np.linspace(0, 1, 32), (32, 1))[..., None]
+    np.testing.assert_allclose(intensity.low_resolution(smooth, 1.0), smooth, atol=1e-6)
+
+
+def test_nnunet_set_is_reproducible_per_generator_and_treats_channels_alike(monkeypatch):
+    image = np.repeat(_image(2), 3, axis=-1)
+    monkeypatch.setattr(intensity, "NOISE", (1.0, (0.5, 0.5)))
+    noise = intensity.nnunet(image, np.random.default_rng(0))
+    assert not np.allclose(noise[..., 1], noise[..., 0])  # slices have their own noise
+    monkeypatch.undo()
+    first = intensity.nnunet(image, np.random.default_rng(5))
+    again = intensity.nnunet(image, np.random.default_rng(5))
+    assert first.dtype == np.float32 and first.shape == image.shape
+    np.testing.assert_array_equal(first, again)
+    changed = 0
+    for seed in range(200):
+        out = intensity.nnunet(image, np.random.default_rng(seed))
+        changed += not np.allclose(out, image, atol=1e-6)
+        if not np.allclose(out[..., 1], out[..., 0], atol=1e-5):  # only noise differs per slice
+            monkeypatch.setattr(intensity, "NOISE", (0.0, (0.0, 0.0)))
+            quiet = intensity.nnunet(image, np.random.default_rng(seed))
+            monkeypatch.undo()
+            np.testing.assert_allclose(quiet[..., 1], quiet[..., 0], atol=1e-5)
+    # Each transform fires with nnU-Net's probability, independently.
+    untouched = np.prod([1 - p for p, _ in (
+        intensity.NOISE, intensity.BLUR, intensity.BRIGHTNESS, intensity.CONTRAST,
+        intensity.LOW_RESOLUTION, intensity.GAMMA_INVERTED, intensity.GAMMA)])
+    assert abs(changed / 200 - (1 - untouched)) < 0.12
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 32, 32), np.int32)
+    labels[:, 10:20, 4:12] = 1
+    return {"image": rng.normal(size=(6, 32, 32, 1)).astype(np.float32), "label": labels}
+
+
+def test_augment_batch_nnunet_set_moves_labels_as_the_jitter_set_and_changes_only_intensities():
+    def generators():
+        return [np.random.default_rng(seed) for seed in range(6)]
+
+    jittered = augment_batch(_batch(), generators(), modality="MR")
+    nnunet = augment_batch(_batch(), generators(), modality="MR", intensity_set="nnunet")
+    np.testing.assert_array_equal(nnunet["label"], jittered["label"])
+    assert nnunet["image"].dtype == np.float32 and nnunet["image"].shape == jittered["image"].shape
+    assert not np.allclose(nnunet["image"], jittered["image"])
+    np.testing.assert_array_equal(
+        nnunet["image"], augment_batch(_batch(), generators(), modality="MR", intensity_set="nnunet")["image"]
+    )
+
+
+def test_augment_batch_refuses_an_unknown_intensity_set():
+    with pytest.raises(ConfigError, match="jitter.*nnunet"):
+        augment_batch(_batch(), np.random.default_rng(0), modality="MR", intensity_set="strong")
