@@ -240,6 +240,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         )
     need(config.train.learning_rate > 0, "train.learning_rate", "must be > 0")
     need(config.train.decay_epochs > 0, "train.decay_epochs", "must be > 0")
+    need(config.train.decay_rate > 0, "train.decay_rate", f"must be > 0, got {config.train.decay_rate}")
+    need(config.train.log_every_steps > 0, "train.log_every_steps", f"must be > 0, got {config.train.log_every_steps}")
     need(
         config.train.class_weighting in pipeline.CLASS_WEIGHTINGS,
         "train.class_weighting",
@@ -265,6 +267,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     )
     need(0 <= config.data.fold < max(config.data.num_folds, 1), "data.fold", "must be in [0, num_folds)")
     need(config.checkpoint.every_epochs > 0, "checkpoint.every_epochs", "must be > 0")
+    need(config.eval.every_epochs > 0, "eval.every_epochs", f"must be > 0, got {config.eval.every_epochs}")
     need(config.checkpoint.keep_latest > 0, "checkpoint.keep_latest", "must be > 0")
     if config.data.root:
         need(Path(config.data.root).expanduser().exists(), "data.root", f"{config.data.root} does not exist")
