@@ -359,12 +359,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, held: 
     with stop.installed():
         for epoch in range(step // run.steps_per_epoch, config.train.num_epochs):
             # ---- train one epoch (or until a stop is asked for) ----
-            state, step, seconds = _train_epoch(run, state, step, epoch, running, stop)
+            state, step, images_per_s = _train_epoch(run, state, step, epoch, running, stop)
             epoch_done = step % run.steps_per_epoch == 0
             finished = step == run.total_steps
             val_dice = None
             if epoch_done:
-                run.log.record("train", epoch + 1, step, _train_record(run, step, running, seconds))
+                run.log.record("train", epoch + 1, step, _train_record(run, step, running, images_per_s))
                 running = RunningLosses()
             # ---- validate if due ----
             if epoch_done and run.streamed.result().val and is_due(epoch + 1, config.eval.every_epochs, last=finished):
@@ -467,7 +467,8 @@ def _train_epoch(
 ) -> tuple[TrainState, int, float]:
     """Trains from ``step`` to the end of ``epoch``, or until a stop is asked for; reports
     progress every train.log_every_steps; adds the steps' losses to ``running``. Returns the
-    state, the step reached and the seconds it took."""
+    state, the step reached and the images per second of the steps run here (after a resume
+    ``running`` also holds steps from before the stop, which this process did not time)."""
     config = run.config
     host_batches = pipeline.iterate_batches(
         run.streamed.train,
@@ -489,6 +490,7 @@ def _train_epoch(
         order=run.streamed.first_epoch_order() if epoch == 0 else None,
     )
     pending: list[tuple[int, dict[str, jax.Array]]] = []
+    start_step = step
     epoch_start = time.perf_counter()
     window_start, window_images = time.perf_counter(), 0
     for batch in sharding.device_batches(host_batches, run.mesh):
@@ -512,15 +514,16 @@ def _train_epoch(
         if stop.signal_name:
             break
     running.absorb(pending)
-    return state, step, time.perf_counter() - epoch_start
+    images_per_s = (step - start_step) * config.train.batch_size / max(time.perf_counter() - epoch_start, 1e-9)
+    return state, step, images_per_s
 
 
-def _train_record(run: _Run, step: int, running: RunningLosses, seconds: float) -> dict[str, float]:
+def _train_record(run: _Run, step: int, running: RunningLosses, images_per_s: float) -> dict[str, float]:
     means = running.means()
     return {
         "loss": means["loss"],
         "learning_rate": float(run.schedule(step - 1)),
-        "images_per_s": running.loss_count * run.config.train.batch_size / max(seconds, 1e-9),
+        "images_per_s": images_per_s,
         "cross_entropy": means["cross_entropy"],
         "dice_loss": means["dice_loss"],
     }

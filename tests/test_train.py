@@ -333,6 +333,42 @@ def test_running_losses_survive_a_checkpoint_and_read_older_ones():
         running.absorb([(7, {"loss": float("nan"), "cross_entropy": 0.0, "dice_loss": 0.0})])
 
 
+def test_images_per_second_after_a_mid_epoch_resume_counts_only_the_steps_run_since(monkeypatch, capsys):
+    """A resumed epoch's running losses hold steps from before the stop; its rate must not."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def one_second_step(state, batch, class_weights):
+        clock[0] += 1.0
+        return state, {"loss": 1.0, "cross_entropy": 0.5, "dice_loss": 0.5}
+
+    config = default.get_config()
+    config.data.augment = False
+    config.train.batch_size = 8
+    config.train.log_every_steps = 1
+    rows = 4 * config.train.batch_size  # four steps per epoch
+    run = SimpleNamespace(
+        config=config,
+        streamed=SimpleNamespace(train=pipeline.SliceDataset(np.zeros((rows, 16, 16, 1), np.float32),
+                                                             np.zeros((rows, 16, 16), np.int32))),
+        mesh=sharding.make_data_mesh(),
+        train_fn=one_second_step,
+        class_weights=None,
+        steps_per_epoch=4,
+        total_steps=8,
+        schedule=lambda step: 0.004,
+        log=SimpleNamespace(scalars=lambda step, values: None),
+    )
+    running = train.RunningLosses.from_meta({"loss_sum": 1.0, "loss_count": 1})  # stopped after step 5
+    stop = SimpleNamespace(signal_name=None)
+    state, step, images_per_s = train._train_epoch(run, "state", 5, 1, running, stop)
+    assert (step, running.loss_count) == (8, 4)
+    assert images_per_s == pytest.approx(8.0)  # 3 steps of 8 images in 3 s, not 4 steps
+    assert train._train_record(run, step, running, images_per_s)["images_per_s"] == pytest.approx(8.0)
+
+
 def test_allowed_model_values_are_the_models_own():
     from scse_jax.models.se import AGGREGATIONS
     from scse_jax.models.unet import SE_POSITIONS, UPSAMPLINGS
