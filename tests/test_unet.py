@@ -190,6 +190,22 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert result_dtypes == {f32}  # bfloat16 operands accumulate in float32
 
 
+def test_bfloat16_transposed_convolutions_round_their_output_to_bfloat16():
+    """Unlike the 3x3 convolutions, nn.ConvTranspose returns its operand dtype; UpBlock casts
+    the rounded result to float32."""
+    model = UNet(num_classes=2, features=4, upsample="transpose", dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)
+    convolutions = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
+    transposed = [eqn for eqn in convolutions if any(d > 1 for d in eqn.params["lhs_dilation"])]
+    bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    assert len(transposed) == 4
+    assert {eqn.outvars[0].aval.dtype for eqn in transposed} == {bf16}
+    assert {eqn.outvars[0].aval.dtype for eqn in convolutions if eqn not in transposed} == {f32}
+    assert jax.eval_shape(functools.partial(model.apply, train=False), variables, x).dtype == f32
+
+
 @pytest.fixture(scope="module")
 def trained_model():
     """A tiny scSE U-Net, its initial variables and jitted train/eval applies."""

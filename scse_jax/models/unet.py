@@ -88,7 +88,8 @@ class UpBlock(nn.Module):
       features: output channels (the skip's channels).
       upsample: "bilinear" (resize, then a 3x3 convolution) or "transpose" (2x2 stride-2
         transposed convolution).
-      dtype: operand dtype of the convolutions, which accumulate and return float32.
+      dtype: operand dtype of the convolutions. The 3x3 ones accumulate and return float32;
+        the transposed one returns ``dtype``, cast to float32 after that rounding.
       conv: the 3x3 convolution module.
     """
 
@@ -129,10 +130,11 @@ class UNet(nn.Module):
         the report's placement and configs/default.py's.
       upsample: "bilinear" or "transpose".
       dtype: operand dtype of the 3x3 and transposed convolutions (e.g. bfloat16 for GPU tensor
-        cores). They accumulate in float32, and everything else (BatchNorm, SE blocks, the
-        head, the gradients' reductions) computes in float32: with bfloat16 throughout, the
-        reductions behind the bias, BatchNorm and SE gradients lose much of the gradient's
-        precision (measured in benchmarks/README.md).
+        cores). The 3x3 convolutions accumulate and return float32; the transposed ones (with
+        upsample="transpose") return ``dtype``, cast to float32 after that rounding. Everything
+        else (BatchNorm, SE blocks, the head, the gradients' reductions) computes in float32:
+        with bfloat16 throughout, the reductions behind the bias, BatchNorm and SE gradients
+        lose much of the gradient's precision (measured in benchmarks/README.md).
       conv: the 3x3 convolution module (`layers.Conv3x3` or a subclass with its parameters,
         such as `cpu_ops.CpuConv3x3`), chosen by the model's builder for the hardware.
     """
