@@ -20,7 +20,8 @@ from scse_jax.data import pipeline
 from scse_jax.errors import ConfigError, DataError
 
 # Test-time shifts in pixels of the training grid: small translations respect anatomy,
-# unlike left-right flips, which swap the kidneys.
+# unlike left-right flips, which swap the kidneys. They are circular (jnp.roll): the rows
+# shifted out of one edge come back in at the other.
 TTA_SHIFTS = ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4))
 
 
@@ -34,12 +35,20 @@ def _probabilities(variables, images, logits, *, model, tta: bool) -> jax.Array:
     return total / (len(TTA_SHIFTS) if tta else 1)
 
 
+def _class_ids(variables, images, logits, *, model, tta: bool) -> jax.Array:
+    """Class ids (B, H, W) uint8: the argmax of the logits, or with ``tta`` of the averaged
+    probabilities."""
+    scores = _probabilities(variables, images, logits, model=model, tta=True) if tta else logits
+    return jnp.argmax(scores, axis=-1).astype(jnp.uint8)
+
+
 def predict_step(variables: dict[str, Any], images: jax.Array, *, model, probabilities: bool, tta: bool = False):
-    """Eval-mode class probabilities (B, H, W, C) float32, or their argmax (B, H, W) uint8;
+    """Eval-mode class probabilities (B, H, W, C) float32, or class ids (B, H, W) uint8;
     averaged over TTA_SHIFTS when ``tta``."""
     logits = model.apply(variables, images, train=False)
-    probs = _probabilities(variables, images, logits, model=model, tta=tta)
-    return probs if probabilities else jnp.argmax(probs, axis=-1).astype(jnp.uint8)
+    if probabilities:
+        return _probabilities(variables, images, logits, model=model, tta=tta)
+    return _class_ids(variables, images, logits, model=model, tta=tta)
 
 
 def eval_step(
@@ -53,11 +62,10 @@ def eval_step(
     """`predict_step`'s class ids, and the loss over the batch's valid rows (``batch["valid"]``),
     with `losses.segmentation_loss`'s ``loss_weights`` (`train.loss_settings`)."""
     logits = model.apply(variables, batch["image"], train=False)
-    labels = jnp.argmax(_probabilities(variables, batch["image"], logits, model=model, tta=False), axis=-1)
     _, parts = losses.segmentation_loss(
         logits, batch["label"], class_weights, example_mask=batch["valid"], **loss_weights
     )
-    return labels.astype(jnp.uint8), parts
+    return _class_ids(variables, batch["image"], logits, model=model, tta=False), parts
 
 
 def fixed_size_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -182,8 +190,13 @@ class Predictor:
     def predict_with_loss(
         self, variables, images: np.ndarray, labels: np.ndarray, class_weights: jax.Array, loss_weights: dict
     ) -> tuple[np.ndarray, dict[str, float], int]:
-        """Class ids (N, S, S) uint8 of labelled slices, the sums over slices of the loss parts
-        (`losses.segmentation_loss`, weighted by ``loss_weights``), and the slice count."""
+        """Class ids (N, S, S) uint8 of labelled slices, the loss parts summed over batches,
+        and the slice count.
+
+        Each part (`losses.segmentation_loss`, weighted by ``loss_weights``) is a batch loss,
+        cross entropy normalised over the batch and soft Dice pooled over it, multiplied by the
+        batch's real rows; the sum over the count is therefore a mean of batch losses that
+        depends on the batch size, not a mean over slices."""
         arrays = {"image": self.network_input(images), "label": np.asarray(labels, np.int32)}
         function = self._jitted(eval_step, **loss_weights)
         pieces, sums, count = [], {}, 0

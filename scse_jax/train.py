@@ -190,8 +190,9 @@ def validate(
     """Predicts whole validation patients, maps the predictions to the native grid and scores
     them there, as ``evaluate --checkpoint`` does.
 
-    Returns the mean loss parts over slices, one row per (case, organ) with the CHAOS metrics
-    and the volume analysis, and the native-grid predictions by case key.
+    Returns the loss parts as means of batch losses weighted by each batch's slices
+    (`Predictor.predict_with_loss`: they depend on eval.batch_size), one row per (case, organ)
+    with the CHAOS metrics and the volume analysis, and the native-grid predictions by case key.
     """
     loss_sums: dict[str, float] = {}
     slices = 0
@@ -538,7 +539,7 @@ class _Validation:
         self._result = None
 
     def at(self, state: TrainState, step: int):
-        """(mean loss parts, rows, native predictions by case key) of the state at ``step``,
+        """(loss parts, rows, native predictions by case key) of the state at ``step`` (`validate`),
         or None without validation patients."""
         cases = self.run.streamed.result().val
         if not cases:

@@ -48,7 +48,9 @@ def test_any_number_of_slices_reuses_one_compilation_per_output(predictor_and_va
     assert predictor.predict(variables, images[:0]).shape == (0, 32, 32)
 
 
-def test_validation_step_predicts_what_prediction_does_and_sums_the_loss_over_real_slices(predictor_and_variables):
+def test_validation_step_predicts_what_prediction_does_and_weights_each_batch_loss_by_its_real_slices(
+    predictor_and_variables,
+):
     predictor, variables = predictor_and_variables
     rng = np.random.default_rng(1)
     images = rng.normal(size=(11, 32, 32)).astype(np.float32)
@@ -58,11 +60,33 @@ def test_validation_step_predicts_what_prediction_does_and_sums_the_loss_over_re
     np.testing.assert_array_equal(predicted, predictor.predict(variables, images))
     assert count == 11 and set(sums) == {"loss", "cross_entropy", "dice_loss"}
     assert sums["loss"] == pytest.approx(sums["cross_entropy"] + sums["dice_loss"], rel=1e-5)
+    # Each part is a batch loss (Dice pooled over the batch) times the batch's real rows, so it
+    # depends on the batch size: 8 * loss(slices 0-7) + 3 * loss(slices 8-10).
+    all_logits = predictor.model.apply(variables, predictor.network_input(images), train=False)
+    batch_losses = [
+        float(losses.segmentation_loss(all_logits[rows], jnp.asarray(labels[rows], jnp.int32), jnp.ones(3),
+                                       **LOSS_WEIGHTS)[1]["dice_loss"])
+        for rows in (slice(0, 8), slice(8, 11))
+    ]
+    assert sums["dice_loss"] == pytest.approx(8 * batch_losses[0] + 3 * batch_losses[1], rel=1e-4)
     # Padding rows add nothing: one slice alone gives its own loss, whatever the padding holds.
     _, one, one_count = predictor.predict_with_loss(variables, images[:1], labels[:1], weights, LOSS_WEIGHTS)
     logits = predictor.model.apply(variables, predictor.network_input(images[:1]), train=False)
     _, expected = losses.segmentation_loss(logits, jnp.asarray(labels[:1], jnp.int32), jnp.ones(3), **LOSS_WEIGHTS)
     assert one_count == 1 and one["loss"] == pytest.approx(float(expected["loss"]), rel=1e-4)
+
+
+def test_class_ids_are_the_argmax_of_the_logits_where_softmax_would_tie():
+    from types import SimpleNamespace
+
+    # Class 1 wins by 1e-9, less than float32's resolution of softmax probabilities near 1/2.
+    logits = jnp.zeros((1, 2, 2, 2), jnp.float32).at[..., 1].set(1e-9)
+    model = SimpleNamespace(apply=lambda variables, images, train: logits)
+    images = jnp.zeros((1, 2, 2, 1), jnp.float32)
+    batch = {"image": images, "label": jnp.zeros((1, 2, 2), jnp.int32), "valid": jnp.ones(1)}
+    predicted, _ = prediction.eval_step({}, batch, jnp.ones(2), model=model, **LOSS_WEIGHTS)
+    assert predicted.dtype == jnp.uint8 and predicted.tolist() == [[[1, 1], [1, 1]]]
+    assert prediction.predict_step({}, images, model=model, probabilities=False).tolist() == [[[1, 1], [1, 1]]]
 
 
 def test_test_time_shifts_average_probabilities(predictor_and_variables):
