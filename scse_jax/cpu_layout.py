@@ -133,6 +133,8 @@ def set_up(requested: str | int = AUTO, batch_sizes: Sequence[int] = (), *, mult
     """Chooses and applies this process's CPU layout (before JAX starts); returns it.
 
     `batch_sizes`: the global batches the devices must divide (none: any count divides).
+    A call that applies nothing keeps an earlier call's record for `startup_note`, since
+    that call decided the device count.
     """
     global _applied
     requested_count = parse_cpu_devices(requested)
@@ -150,7 +152,8 @@ def set_up(requested: str | int = AUTO, batch_sizes: Sequence[int] = (), *, mult
             if requested_count is not None:
                 raise
             layout = CpuLayout(None, "JAX has already started")
-    _applied = layout
+    if layout.devices is not None or _applied is None:
+        _applied = layout
     return layout
 
 

@@ -28,8 +28,10 @@ from scse_jax.state import abstract_train_state, build_model, make_optimizer
 class Segmenter:
     """A trained network with its preprocessing, ready to segment slices, volumes and series.
 
-    Made before JAX has started, it splits the CPU into one JAX device per physical core
-    (`cpu_layout`, the fastest layout); JAX_NUM_CPU_DEVICES=1 keeps one device.
+    `from_checkpoint` called before JAX has started splits the CPU into one JAX device per
+    physical core (`cpu_layout`, the fastest layout), unless the layout is already set;
+    JAX_NUM_CPU_DEVICES=1 keeps one device. Prediction uses as many CPU devices as divide
+    the batch.
     """
 
     def __init__(
@@ -52,7 +54,6 @@ class Segmenter:
         self.step = step
         self.settings = preprocess.PreprocessSettings(image_size=config.data.image_size)
         batch_size = batch_size or config.eval.batch_size
-        cpu_layout.set_up(cpu_layout.AUTO, [batch_size])
         mesh = sharding.make_data_mesh(cpu_layout.devices_for_batch(batch_size))
         self.predictor = Predictor(
             build_model(config.model, len(self.class_names)),
@@ -85,6 +86,7 @@ class Segmenter:
         """
         if which not in ("latest", "best") and not str(which).isdigit():
             raise ConfigError(f"--which {which!r}: expected latest, best or a step number")
+        # Opening the checkpoints starts JAX, after which the layout cannot change.
         cpu_layout.set_up(cpu_layout.AUTO, [batch_size] if batch_size else [])
         directory = checkpoint.checkpoint_dir(path)
         ckpts = checkpoint.Checkpoints(directory, read_only=True)
@@ -98,7 +100,9 @@ class Segmenter:
                 if step not in ckpts.steps():
                     raise CheckpointError(f"no checkpoint {step} in {directory}; there are {ckpts.steps()}")
             if step is None:
-                raise CheckpointError(f"no {which} checkpoint in {directory}")
+                unscored = which == "best" and bool(ckpts.steps())
+                hint = '; none has a validation score (which="latest" works)' if unscored else ""
+                raise CheckpointError(f"no {which} checkpoint in {directory}{hint}")
             meta = ckpts.restore_meta(step)
             if "config" not in meta or "class_names" not in meta:
                 raise CheckpointError(f"{directory / str(step)} is not a scse_jax checkpoint (no config in it)")

@@ -143,3 +143,11 @@ def test_auto_leaves_a_started_jax_alone_where_the_started_check_cannot_tell(mon
     assert layout.devices is None and "already started" in layout.describe()
     with pytest.raises(ConfigError, match="after JAX has started"):
         cpu_layout.set_up("3", [])
+
+
+def test_a_later_call_that_applies_nothing_keeps_the_start_up_note(monkeypatch):
+    jax.devices()  # JAX has started in this process
+    monkeypatch.setattr(cpu_layout, "_applied", cpu_layout.CpuLayout(8, "asked for"))
+    layout = cpu_layout.set_up("auto", [8])
+    assert layout.devices is None and "already started" in layout.reason
+    assert cpu_layout.startup_note() == "CPU layout: 8 JAX devices (asked for)"

@@ -1,11 +1,17 @@
 """Segmenter: restore without training data, one compiled function, native-grid results."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from scse_jax import cpu_layout
 from scse_jax.data import chaos, dicom
 from scse_jax.errors import CheckpointError, ConfigError, DataError
 from scse_jax.inference import Segmenter
+from tests.conftest import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +34,47 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "other" / "3" / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError):
         Segmenter.from_checkpoint(tmp_path / "other")
+
+
+def test_best_without_a_validation_score_points_to_latest(tiny_trained_run, monkeypatch):
+    from scse_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "best_step", lambda self: None)  # as after runs without validation
+    with pytest.raises(CheckpointError, match='no best checkpoint in .*; none has a validation score [(]which="latest" works'):
+        Segmenter.from_checkpoint(tiny_trained_run[0], which="best")
+
+
+def _layout_notes_around_a_segmenter(run_dir, requested: str | None) -> tuple[str, str]:
+    """(startup_note after cpu_layout.set_up(requested), if any; startup_note after
+    Segmenter.from_checkpoint), in a fresh process whose JAX has not started."""
+    code = "\n".join([
+        "import sys",
+        "from scse_jax import cpu_layout",
+        "from scse_jax.inference import Segmenter",
+        "before = ''",
+        "if sys.argv[2] != 'none':",
+        "    cpu_layout.set_up(sys.argv[2], [])",
+        "    before = cpu_layout.startup_note()  # starts JAX, as a training run's start-up line does",
+        "Segmenter.from_checkpoint(sys.argv[1])",
+        "print(before)",
+        "print(cpu_layout.startup_note())",
+    ])
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    completed = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir), requested or "none"], env=env, cwd=PROJECT_ROOT,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    before, after = completed.stdout.splitlines()[-2:]
+    return before, after
+
+
+def test_a_segmenter_keeps_the_cpu_layout_note_of_the_call_that_set_the_layout(tiny_trained_run):
+    before, after = _layout_notes_around_a_segmenter(tiny_trained_run[0], "2")
+    assert before == after == "CPU layout: 2 JAX devices (asked for)"
+    _, after = _layout_notes_around_a_segmenter(tiny_trained_run[0], None)  # the Segmenter sets it
+    assert after == cpu_layout.choose_layout(None, [], cores=cpu_layout.physical_cores()).describe()
 
 
 def test_non_finite_or_empty_input_is_refused_not_read_as_background(segmenter):
