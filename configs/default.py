@@ -24,8 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.cache_dir = ""  # preprocessed-case cache; "" = $SCSE_JAX_CACHE or ~/.cache/scse_jax
     data.context_slices = 0  # neighbouring slices on either side fed as extra channels (2.5-D); 0 = 2-D
     data.augment = True  # anatomy-respecting augmentation (no left-right flips)
-    # With augment: "jitter" (contrast and brightness jitter) or "nnunet" (nnU-Net's noise, blur,
-    # brightness, contrast, low-resolution and gamma transforms; data/intensity.py).
+    # With augment: "jitter" (contrast and brightness jitter), "nnunet" (nnU-Net's noise, blur,
+    # brightness, contrast, low-resolution and gamma transforms) or "gin" (the jitter, then random
+    # shallow-network intensity transforms on half of the examples); data/intensity.py.
     data.intensity_augmentation = "jitter"
     # Epoch 1 starts once a quarter of the training cases are read, shuffling through a buffer
     # of a quarter of the slices; False: epoch 1 waits for all cases and shuffles them fully.

@@ -100,5 +100,36 @@ def test_augment_batch_nnunet_set_moves_labels_as_the_jitter_set_and_changes_onl
 
 
 def test_augment_batch_refuses_an_unknown_intensity_set():
-    with pytest.raises(ConfigError, match="jitter.*nnunet"):
+    with pytest.raises(ConfigError, match="jitter.*nnunet.*gin"):
         augment_batch(_batch(), np.random.default_rng(0), modality="MR", intensity_set="strong")
+
+
+def test_gin_keeps_shape_norm_and_seed_and_can_reverse_which_tissue_is_brighter():
+    image = _image(3, (32, 32, 2))
+    first = intensity.gin(image, np.random.default_rng(4))
+    assert first.shape == image.shape and first.dtype == np.float32
+    np.testing.assert_array_equal(first, intensity.gin(image, np.random.default_rng(4)))
+    assert np.linalg.norm(first) == pytest.approx(np.linalg.norm(image), rel=1e-4)
+    # Two flat "tissues": over random networks, the darker one sometimes comes out brighter.
+    tissues = np.zeros((32, 32, 1))
+    tissues[:, :16], tissues[:, 16:] = -1.0, 1.0
+    reversed_count = 0
+    for seed in range(40):
+        out = intensity.gin(tissues, np.random.default_rng(seed))[4:-4, 4:-4, 0]
+        reversed_count += out[:, :8].mean() > out[:, -8:].mean()
+    assert 0 < reversed_count < 40
+
+
+def test_augment_batch_gin_set_is_the_jitter_then_random_networks_on_about_half_the_examples():
+    def generators(count=40):
+        return [np.random.default_rng(seed) for seed in range(count)]
+
+    batch = {"image": np.random.default_rng(0).normal(size=(40, 16, 16, 1)).astype(np.float32),
+             "label": np.zeros((40, 16, 16), np.int32)}  # fmt: skip
+    jittered = augment_batch(batch, generators(), modality="MR")
+    gin = augment_batch(batch, generators(), modality="MR", intensity_set="gin")
+    np.testing.assert_array_equal(gin["label"], jittered["label"])
+    changed = [not np.array_equal(g, j) for g, j in zip(gin["image"], jittered["image"])]
+    assert 8 <= sum(changed) <= 32  # probability 0.5 each
+    for example in np.flatnonzero(~np.array(changed)):
+        np.testing.assert_array_equal(gin["image"][example], jittered["image"][example])

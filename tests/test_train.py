@@ -110,7 +110,7 @@ def test_schedule_halves_every_four_epochs():
         ("train.decay_rate", -0.5, "train.decay_rate: must be > 0"),
         ("eval.every_epochs", 0, "eval.every_epochs: must be > 0"),
         ("model.se", "csse", "none|cse|sse|scse"),
-        ("data.intensity_augmentation", "strong", "jitter|nnunet"),
+        ("data.intensity_augmentation", "strong", "jitter|nnunet|gin"),
         ("data.root", "/no/such/folder", "does not exist"),
     ],
 )

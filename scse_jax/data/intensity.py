@@ -1,6 +1,6 @@
 """Intensity augmentation: how bright, how contrasted, how sharp and how noisy a slice is.
 
-Two sets (`data.intensity_augmentation`):
+Three sets (`data.intensity_augmentation`):
   "jitter": contrast x U(0.9, 1.1) and brightness + U(-b, b) on every example (applied in
       `pipeline.augment_batch`); the earlier default, kept so that earlier runs reproduce.
   "nnunet": nnU-Net's default intensity transforms, each drawn per example with nnU-Net's
@@ -10,6 +10,12 @@ Two sets (`data.intensity_augmentation`):
       (also on the inverted image), the last keeping the example's mean and std. A model that
       reads organs from their absolute grey level fails on a patient whose organs are darker
       or brighter than the training patients'; these transforms take that cue away.
+  "gin": the jitter, then, on half of the examples, a global intensity non-linear transform
+      (GIN; Ouyang et al., "Causality-inspired single-source domain generalization for medical
+      image segmentation", IEEE TMI 2022): a shallow convolutional network with random weights,
+      drawn anew for every example, whose output is mixed with the image and rescaled to its
+      norm. Unlike a gamma it can reverse which of two tissues is brighter, so that an organ
+      has to be found by its shape and place rather than its grey level.
 
 Every transform acts on one example, all of its channels alike, except the noise: the channels
 of a 2.5-D input are neighbouring slices of one volume, which share one contrast and
@@ -21,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-INTENSITY_AUGMENTATIONS = ("jitter", "nnunet")
+INTENSITY_AUGMENTATIONS = ("jitter", "nnunet", "gin")
 
 JITTER_CONTRAST = (0.9, 1.1)
 JITTER_BRIGHTNESS = {"CT": 0.05, "MR": 0.1}  # CT lies in [0, 1], MR is z-scored
@@ -34,6 +40,11 @@ CONTRAST = (0.15, (0.75, 1.25))  # factor about the mean, result clipped to the 
 LOW_RESOLUTION = (0.25, (0.5, 1.0))  # zoom of the nearest-neighbour downsampling
 GAMMA_INVERTED = (0.1, (0.7, 1.5))
 GAMMA = (0.3, (0.7, 1.5))
+
+GIN_PROBABILITY = 0.5
+GIN_LAYERS = 4  # as Ouyang et al.'s released code: 4 layers, 2 channels between them,
+GIN_WIDTH = 2  # each layer's kernel 1x1 or 3x3 at random, leaky ReLU but after the last
+GIN_KERNELS = (1, 3)
 
 
 def nnunet(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -89,3 +100,29 @@ def gamma(image: np.ndarray, exponent: float, epsilon: float = 1e-7) -> np.ndarr
     if out_std > 0:
         out = (out - out.mean()) / out_std * std
     return out - out.mean() + mean
+
+
+def gin(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random shallow network's output on one (rows, cols, channels) example, mixed with it.
+
+    Layers of Gaussian random kernels and shifts (leaky ReLU between them), channels ->
+    GIN_WIDTH -> ... -> channels; out = a * net(x) + (1 - a) * x with a ~ U(0, 1), scaled to
+    the Frobenius norm of x.
+    """
+    image = np.asarray(image, np.float64)
+    channels = image.shape[-1]
+    widths = [channels] + [GIN_WIDTH] * (GIN_LAYERS - 1) + [channels]
+    x = image
+    for layer, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        size = GIN_KERNELS[rng.integers(len(GIN_KERNELS))]
+        kernels = rng.normal(size=(width_out, width_in, size, size))
+        shifts = rng.normal(size=width_out)
+        out = np.empty(x.shape[:2] + (width_out,))
+        for o in range(width_out):
+            out[..., o] = shifts[o] + sum(
+                ndimage.correlate(x[..., i], kernels[o, i], mode="constant") for i in range(width_in)
+            )
+        x = out if layer == GIN_LAYERS - 1 else np.where(out > 0, out, 0.01 * out)
+    alpha = rng.uniform()
+    mixed = alpha * x + (1 - alpha) * image
+    return (mixed * (np.linalg.norm(image) / (np.linalg.norm(mixed) + 1e-5))).astype(np.float32)

@@ -348,7 +348,8 @@ def augment_batch(
     The same geometric transform moves image (bilinear) and labels (nearest); each is a
     proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
     and the kidneys keep their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
-    ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms),
+    ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
+    the jitter, then random-network intensity transforms on half of the examples),
     drawn per example. `rng` is one generator for the batch, or one per example (see
     `iterate_batches`).
     """
@@ -389,12 +390,16 @@ def augment_batch(
 
     # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
     list(_warp_pool().map(warp, range(count)))
-    if intensity_set == "jitter":
+    generators = rng if per_example else [rng] * count
+    if intensity_set in ("jitter", "gin"):
         contrast = uniform(*intensity.JITTER_CONTRAST, (1, 1, 1))
         brightness = uniform(-intensity.JITTER_BRIGHTNESS[modality], intensity.JITTER_BRIGHTNESS[modality], (1, 1, 1))
         moved_images = moved_images * contrast + brightness
-    else:
-        generators = rng if per_example else [rng] * count
+    if intensity_set == "gin":
+        for i in range(count):
+            if generators[i].uniform() < intensity.GIN_PROBABILITY:
+                moved_images[i] = intensity.gin(moved_images[i], generators[i])
+    if intensity_set == "nnunet":
         moved_images = np.stack([intensity.nnunet(moved_images[i], generators[i]) for i in range(count)])
     return dict(
         batch,
