@@ -85,7 +85,7 @@ class Segmenter:
           which: "latest", "best" (highest validation Dice) or a step number.
         """
         if which not in ("latest", "best") and not str(which).isdigit():
-            raise ConfigError(f"--which {which!r}: expected latest, best or a step number")
+            raise ConfigError(f"checkpoint {which!r}: expected latest, best or a step number (which=, --which)")
         # Opening the checkpoints starts JAX, after which the layout cannot change.
         cpu_layout.set_up(cpu_layout.AUTO, [batch_size] if batch_size else [])
         directory = checkpoint.checkpoint_dir(path)
