@@ -48,3 +48,30 @@ def test_experiment_refuses_an_argument_that_is_no_override(capsys):
     with pytest.raises(SystemExit):
         experiment.main(["--config", "configs/mr_unet.py", "--out", "x", "--set", "data.root=/x"])
     assert "unrecognized arguments: --set data.root=/x" in capsys.readouterr().err
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("unet, scse", [("mr_unet", "mr_scse"), ("mr_unet_cpu", "mr_scse_cpu"), ("ct_unet", "ct_scse")])
+def test_the_study_twins_differ_only_in_the_se_block(unet, scse):
+    import importlib
+
+    a = _flat(importlib.import_module(f"configs.{unet}").get_config())
+    b = _flat(importlib.import_module(f"configs.{scse}").get_config())
+    assert {key for key in a if a[key] != b[key]} == {"model.se"}
+    assert (a["model.se"], b["model.se"]) == ("none", "scse")
+
+
+def test_the_cpu_recipe_trains_with_gin_and_the_quickstart_with_the_jitter_it_was_measured_with():
+    from configs import mr_scse_cpu, quickstart
+
+    assert mr_scse_cpu.get_config().data.intensity_augmentation == "gin"
+    assert quickstart.get_config().data.intensity_augmentation == "jitter"
