@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.class_weighting = "inverse_frequency"
     train.boundary_weight = 0.0  # extra weight at label boundaries, x the largest class weight (QuickNAT: 2)
     train.dice_weight = 1.0  # weight of the soft Dice term
+    # Validation, checkpoints' users and inference run an exponential moving average of the
+    # parameters with this decay per step (0 = the parameters themselves, as the report).
+    train.ema_decay = 0.0
     train.log_every_steps = 10  # progress line and TensorBoard scalars every N steps
 
     config.checkpoint = ckpt = ml_collections.ConfigDict()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -31,7 +31,10 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
 
     def variables(self) -> dict[str, Any]:
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        """What validation, checkpoints' users and inference run: the parameters' moving
+        average where the run keeps one (``train.ema_decay``), else the parameters."""
+        average = params_average(self.opt_state)
+        return {"params": self.params if average is None else average, "batch_stats": self.batch_stats}
 
 
 # Fields a resumed run must share with its checkpoint: the network, what it was fed, and which
@@ -41,8 +44,10 @@ DATA_FIELDS = (
     "root", "modality", "sequences", "image_size", "num_folds", "fold", "num_val_patients", "split_seed",
     "max_patients", "synthetic_patients", "synthetic_size", "synthetic_slices", "context_slices",
 )
+# Training fields that shape the checkpoint (the moving average lives in the optimizer state).
+TRAIN_FIELDS = ("ema_decay",)
 # What a checkpoint saved before a field existed ran with.
-FIELD_DEFAULTS = {"context_slices": 0}
+FIELD_DEFAULTS = {"context_slices": 0, "ema_decay": 0.0}
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
@@ -70,7 +75,44 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict, steps_per_ep
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    return optax.adam(learning_rate_schedule(train_config, steps_per_epoch))
+    adam = optax.adam(learning_rate_schedule(train_config, steps_per_epoch))
+    decay = train_config.get("ema_decay", 0.0)  # absent from checkpoints saved before it existed
+    return optax.chain(adam, average_params(decay)) if decay else adam
+
+
+class ParamsAverageState(NamedTuple):
+    count: jax.Array
+    average: Any
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+    """Keeps an exponential moving average of the parameters the updates lead to (Polyak
+    averaging), bias-corrected as Adam's moments are: after t updates it weighs update k by
+    ``decay ** (t - k)``, normalised, so the first average is the first updated parameters and
+    the random initialisation never enters. Chain it last: it reads the final updates and
+    passes them on unchanged."""
+
+    def init(params):
+        return ParamsAverageState(count=jnp.zeros((), jnp.int32), average=jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params):
+        count = state.count + 1
+        new_params = optax.apply_updates(params, updates)
+        # The weight the old average keeps so that the result equals the bias-corrected average.
+        kept = decay * (1 - decay ** (count - 1.0)) / (1 - decay**count)
+        average = jax.tree.map(lambda old, new: kept * old + (1 - kept) * new, state.average, new_params)
+        return updates, ParamsAverageState(count=count, average=average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def params_average(opt_state: Any) -> Any | None:
+    """The parameters' moving average kept in ``opt_state`` by `average_params`, or None."""
+    found = [
+        node for node in jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, ParamsAverageState))
+        if isinstance(node, ParamsAverageState)
+    ]
+    return found[0].average if found else None
 
 
 def _state_initialiser(model: UNet, tx: optax.GradientTransformation, image_size: int, channels: int):
@@ -128,13 +170,13 @@ def check_same_run(meta: dict[str, Any], config: ml_collections.ConfigDict, path
 
     differences = [
         f"{group}.{field}: checkpoint {value(saved, group, field)!r} vs config {value(config, group, field)!r}"
-        for group, fields in (("model", MODEL_FIELDS), ("data", DATA_FIELDS))
+        for group, fields in (("model", MODEL_FIELDS), ("data", DATA_FIELDS), ("train", TRAIN_FIELDS))
         for field in fields
         if value(saved, group, field) != value(config, group, field)
     ]
     if differences:
         raise CheckpointError(
-            f"the checkpoint in {path} was trained with another model, input or split ({'; '.join(differences)}); "
+            f"the checkpoint in {path} was trained with another model, input, split or parameter averaging ({'; '.join(differences)}); "
             "use another --workdir or the same settings"
         )
 

@@ -242,6 +242,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     need(config.train.learning_rate > 0, "train.learning_rate", "must be > 0")
     need(config.train.decay_epochs > 0, "train.decay_epochs", "must be > 0")
     need(config.train.decay_rate > 0, "train.decay_rate", f"must be > 0, got {config.train.decay_rate}")
+    ema_decay = config.train.get("ema_decay", 0.0)
+    need(0 <= ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {ema_decay}")
     need(config.train.log_every_steps > 0, "train.log_every_steps", f"must be > 0, got {config.train.log_every_steps}")
     need(
         config.train.class_weighting in pipeline.CLASS_WEIGHTINGS,

@@ -70,6 +70,26 @@ def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
         train.train_and_evaluate(tiny_config(*tiny_data, "--config.data.image_size=48"), tmp_path / "run")
 
 
+def test_a_run_with_parameter_averaging_serves_the_average(tiny_data, tmp_path):
+    import ml_collections
+
+    from scse_jax import checkpoint, inference
+    from scse_jax.state import params_average
+
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(*tiny_data, "--config.train.ema_decay=0.9"), workdir)
+    served = inference.Segmenter.from_checkpoint(workdir, which="latest").variables["params"]
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", read_only=True)
+    step = ckpts.latest_step()
+    meta = ckpts.restore_meta(step)
+    state = inference._restore_state(ckpts, step, meta, ml_collections.ConfigDict(meta["config"]), 5)
+    average = params_average(state.opt_state)
+    assert average is not None
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), served, average)
+    changed = jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), served, state.params)
+    assert any(jax.tree.leaves(changed))
+
+
 @pytest.mark.parametrize("field, value", [("data__fold", 1), ("data__split_seed", 3), ("data__num_folds", 5)])
 def test_resume_refuses_another_patient_split(tiny_trained_run, tiny_data, tmp_path, field, value):
     shutil.copytree(tiny_trained_run[0], tmp_path / "run")
@@ -108,6 +128,8 @@ def test_schedule_halves_every_four_epochs():
         ("train.log_every_steps", 0, "train.log_every_steps: must be > 0"),
         ("train.decay_rate", 0.0, "train.decay_rate: must be > 0"),
         ("train.decay_rate", -0.5, "train.decay_rate: must be > 0"),
+        ("train.ema_decay", 1.0, r"train.ema_decay: must be in \[0, 1\)"),
+        ("train.ema_decay", -0.1, r"train.ema_decay: must be in \[0, 1\)"),
         ("eval.every_epochs", 0, "eval.every_epochs: must be > 0"),
         ("model.se", "csse", "none|cse|sse|scse"),
         ("data.intensity_augmentation", "strong", "jitter|nnunet|gin"),
