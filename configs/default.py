@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # brightness, contrast, low-resolution and gamma transforms) or "gin" (the jitter, then random
     # shallow-network intensity transforms on half of the examples); data/intensity.py.
     data.intensity_augmentation = "jitter"
+    # MR, with augment: share of examples whose liver, spleen or both are darkened as iron
+    # overload darkens them on T2 (data/intensity.py); 0 = never.
+    data.organ_signal_loss = 0.0
     # Epoch 1 starts once a quarter of the training cases are read, shuffling through a buffer
     # of a quarter of the slices; False: epoch 1 waits for all cases and shuffles them fully.
     data.stream_first_epoch = True

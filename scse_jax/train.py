@@ -258,6 +258,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         f"{intensity_set!r} is not one of {'|'.join(intensity.INTENSITY_AUGMENTATIONS)}",
     )
     need(config.data.modality in ("CT", "MR"), "data.modality", f"{config.data.modality!r} is not 'CT' or 'MR'")
+    signal_loss = config.data.get("organ_signal_loss", 0.0)
+    need(0 <= signal_loss <= 1, "data.organ_signal_loss", f"must be in [0, 1], got {signal_loss}")
+    need(
+        signal_loss == 0 or config.data.modality == "MR", "data.organ_signal_loss",
+        "darkens MR organs; iron overload brightens the liver on CT: use 0 with CT",
+    )
     for field, allowed in (("se", SE_KINDS), ("se_aggregation", AGGREGATIONS), ("upsample", UPSAMPLINGS)):
         value = config.model[field]
         need(value in allowed, f"model.{field}", f"{value!r} is not {'|'.join(allowed)}")
@@ -483,6 +489,7 @@ def _train_epoch(
                 pipeline.augment_batch,
                 modality=config.data.modality,
                 intensity_set=config.data.get("intensity_augmentation", "jitter"),
+                organ_signal_loss=config.data.get("organ_signal_loss", 0.0),
             )
             if config.data.augment
             else None

@@ -133,3 +133,58 @@ def test_augment_batch_gin_set_is_the_jitter_then_random_networks_on_about_half_
     assert 8 <= sum(changed) <= 32  # probability 0.5 each
     for example in np.flatnonzero(~np.array(changed)):
         np.testing.assert_array_equal(gin["image"][example], jittered["image"][example])
+
+
+def _organs():
+    """A 48 x 48 slice: body 1.0 on air -2.0, a bright liver (2.0, class 1) on the left, a
+    spleen (2.0, class 4) on the right, a right kidney (1.5, class 2) at the bottom."""
+    image = np.full((48, 48, 1), -2.0)
+    label = np.zeros((48, 48), np.int32)
+    image[4:44, 4:44] = 1.0
+    for cls, rows, cols, value in ((1, slice(8, 24), slice(8, 22), 2.0), (4, slice(8, 20), slice(30, 40), 2.0),
+                                   (2, slice(32, 40), slice(10, 18), 1.5)):
+        image[rows, cols], label[rows, cols] = value, cls
+    return image, label
+
+
+def test_organ_signal_loss_darkens_liver_spleen_or_both_and_nothing_far_from_them():
+    image, label = _organs()
+    darkened = {"liver": 0, "spleen": 0}
+    for seed in range(30):
+        out = intensity.organ_signal_loss(image, label, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == np.float32
+        np.testing.assert_array_equal(out[32:40, 10:18], image[32:40, 10:18])  # the kidney
+        np.testing.assert_array_equal(out[:2], image[:2])  # the air
+        for organ, cls in (("liver", 1), ("spleen", 4)):
+            inside = label == cls
+            moved = image[inside].mean() - out[inside].mean()
+            assert moved >= 0
+            if moved > 0:
+                darkened[organ] += 1
+                # 0.5-0.95 of the way to the slice's dark level, the softened outline aside.
+                assert 0.3 * (2.0 + 2.0) < moved <= 0.95 * (2.0 + 2.0)
+    assert darkened["liver"] >= 5 and darkened["spleen"] >= 5 and darkened["liver"] + darkened["spleen"] > 30
+
+
+def test_organ_signal_loss_leaves_a_slice_without_the_organs_alone():
+    image, label = _organs()
+    label[label == 1] = label[label == 4] = 0
+    np.testing.assert_array_equal(intensity.organ_signal_loss(image, label, np.random.default_rng(0)), image)
+
+
+def test_augment_batch_darkens_organs_on_the_share_asked_and_draws_nothing_when_off():
+    def generators(count=40):
+        return [np.random.default_rng(seed) for seed in range(count)]
+
+    image, label = _organs()
+    batch = {"image": np.repeat(image[None], 40, 0).astype(np.float32), "label": np.repeat(label[None], 40, 0)}
+    plain = augment_batch(batch, generators(), modality="MR")
+    np.testing.assert_array_equal(plain["image"], augment_batch(batch, generators(), modality="MR", organ_signal_loss=0.0)["image"])
+    for share, low, high in ((1.0, 40, 40), (0.25, 3, 20)):
+        dark = augment_batch(batch, generators(), modality="MR", organ_signal_loss=share)
+        np.testing.assert_array_equal(dark["label"], plain["label"])
+        darker = [
+            any((d[lab == cls] < p[lab == cls] - 0.5).mean() > 0.5 for cls in (1, 4))
+            for d, p, lab in zip(dark["image"][..., 0], plain["image"][..., 0], dark["label"])
+        ]
+        assert low <= sum(darker) <= high

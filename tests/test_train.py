@@ -133,6 +133,7 @@ def test_schedule_halves_every_four_epochs():
         ("eval.every_epochs", 0, "eval.every_epochs: must be > 0"),
         ("model.se", "csse", "none|cse|sse|scse"),
         ("data.intensity_augmentation", "strong", "jitter|nnunet|gin"),
+        ("data.organ_signal_loss", 1.5, r"data.organ_signal_loss: must be in \[0, 1\]"),
         ("data.root", "/no/such/folder", "does not exist"),
     ],
 )
@@ -142,6 +143,16 @@ def test_bad_config_values_are_refused_before_work(field, value, message):
     group, name = field.split(".")
     config[group][name] = value
     with pytest.raises(ConfigError, match=message):
+        train.validate_config(config, device_count=8)
+
+
+def test_organ_signal_loss_is_refused_on_ct():
+    config = default.get_config()
+    config.train.batch_size = config.eval.batch_size = 8
+    config.data.modality, config.data.sequences = "CT", ("CT",)
+    train.validate_config(config, device_count=8)
+    config.data.organ_signal_loss = 0.2
+    with pytest.raises(ConfigError, match="data.organ_signal_loss: darkens MR organs"):
         train.validate_config(config, device_count=8)
 
 

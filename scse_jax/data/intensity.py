@@ -17,6 +17,9 @@ Three sets (`data.intensity_augmentation`):
       norm. Unlike a gamma it can reverse which of two tissues is brighter, so that an organ
       has to be found by its shape and place rather than its grey level.
 
+Apart from these sets, `data.organ_signal_loss` darkens the liver, the spleen or both on a share
+of MR examples (`organ_signal_loss`), as iron overload does on T2-weighted images.
+
 Every transform acts on one example, all of its channels alike, except the noise: the channels
 of a 2.5-D input are neighbouring slices of one volume, which share one contrast and
 resolution but each have their own noise.
@@ -45,6 +48,15 @@ GIN_PROBABILITY = 0.5
 GIN_LAYERS = 4  # as Ouyang et al.'s released code: 4 layers, 2 channels between them,
 GIN_WIDTH = 2  # each layer's kernel 1x1 or 3x3 at random, leaky ReLU but after the last
 GIN_KERNELS = (1, 3)
+
+# Iron deposition darkens organs on T2-weighted MR: the liver (and pancreas) in idiopathic
+# haemochromatosis, liver and spleen in transfusional siderosis (Siegelman, Mitchell & Semelka,
+# "Abdominal iron deposition: metabolism, MR findings, and clinical importance", Radiology
+# 1996). Class ids of types.CLASS_NAMES.
+SIGNAL_LOSS_ORGANS = ((1,), (4,), (1, 4))  # liver, spleen, both: one drawn per example
+SIGNAL_LOSS_STRENGTH = (0.5, 0.95)  # fraction of the way from the organ's grey level to the dark level
+SIGNAL_LOSS_DARK_PERCENTILE = 1  # of the slice: the air around the body
+SIGNAL_LOSS_EDGE_SIGMA = 1.5  # pixels; a soft outline, so that no artificial edge marks the organ
 
 
 def nnunet(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -126,3 +138,20 @@ def gin(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     alpha = rng.uniform()
     mixed = alpha * x + (1 - alpha) * image
     return (mixed * (np.linalg.norm(image) / (np.linalg.norm(mixed) + 1e-5))).astype(np.float32)
+
+
+def organ_signal_loss(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Darkens the liver, the spleen or both of one (rows, cols, channels) example.
+
+    Inside the organs' softened outline (from ``label``, the example's class map) every channel
+    moves a random fraction of the way to the slice's dark level; outside it the image is
+    unchanged. The neighbouring slices of a 2.5-D input take the centre slice's outline.
+    """
+    organs = SIGNAL_LOSS_ORGANS[rng.integers(len(SIGNAL_LOSS_ORGANS))]
+    strength = rng.uniform(*SIGNAL_LOSS_STRENGTH)
+    inside = np.isin(label, organs)
+    if not inside.any():
+        return np.asarray(image, np.float32)
+    weight = ndimage.gaussian_filter(inside.astype(np.float64), SIGNAL_LOSS_EDGE_SIGMA)[..., None]
+    dark = np.percentile(image, SIGNAL_LOSS_DARK_PERCENTILE)
+    return (image - strength * weight * (image - dark)).astype(np.float32)

@@ -342,6 +342,7 @@ def augment_batch(
     *,
     modality: str,
     intensity_set: str = "jitter",
+    organ_signal_loss: float = 0.0,
 ) -> Batch:
     """Random rotation, isotropic scale and shift per example, then intensity augmentation.
 
@@ -350,7 +351,8 @@ def augment_batch(
     and the kidneys keep their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
     ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
     the jitter, then random-network intensity transforms on half of the examples),
-    drawn per example. `rng` is one generator for the batch, or one per example (see
+    drawn per example; before it, a share ``organ_signal_loss`` of the examples get a dark
+    liver, spleen or both (`intensity.organ_signal_loss`). `rng` is one generator for the batch, or one per example (see
     `iterate_batches`).
     """
     if modality not in intensity.JITTER_BRIGHTNESS:
@@ -391,6 +393,10 @@ def augment_batch(
     # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
     list(_warp_pool().map(warp, range(count)))
     generators = rng if per_example else [rng] * count
+    if organ_signal_loss > 0:
+        for i in range(count):
+            if generators[i].uniform() < organ_signal_loss:
+                moved_images[i] = intensity.organ_signal_loss(moved_images[i], moved_labels[i], generators[i])
     if intensity_set in ("jitter", "gin"):
         contrast = uniform(*intensity.JITTER_CONTRAST, (1, 1, 1))
         brightness = uniform(-intensity.JITTER_BRIGHTNESS[modality], intensity.JITTER_BRIGHTNESS[modality], (1, 1, 1))
