@@ -35,9 +35,11 @@ def kernel_gradient_chunks(contraction: int) -> int:
 
     Eigen runs a product with a huge contraction and a tiny result on one core; a batch of
     partial products spreads over all of them. The count is a power of two (at most 16)
-    that divides the contraction.
+    that divides the contraction. Cores are those this process may run on (a container or
+    ``taskset`` may allow fewer than the machine has).
     """
-    cores = min(16, 1 << ((os.cpu_count() or 1).bit_length() - 1))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(16, 1 << (usable.bit_length() - 1))
     return math.gcd(cores, contraction)
 
 
