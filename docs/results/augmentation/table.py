@@ -9,7 +9,7 @@ import pathlib
 import statistics
 
 HERE = pathlib.Path(__file__).parent
-AUGMENTATIONS = ("jitter", "nnunet", "gin")
+AUGMENTATIONS = ("jitter", "nnunet", "gin", "gin_context1")
 
 
 def patient_dice(path):
