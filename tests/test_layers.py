@@ -81,7 +81,7 @@ def test_kernel_gradient_is_exact_however_many_partial_sums(cores):
     reference = jax.grad(
         lambda k: jnp.sum(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) * probe)
     )(kernel)
-    with mock.patch.object(cpu_ops.os, "sched_getaffinity", return_value=set(range(cores))):
+    with mock.patch.object(cpu_ops.os, "sched_getaffinity", return_value=set(range(cores)), create=True):
         chunks = cpu_ops.kernel_gradient_chunks(2 * 8 * 10)
         fast = jax.grad(lambda k: jnp.sum(conv3x3(x, k) * probe))(kernel)
     assert chunks >= 1 and (2 * 8 * 10) % chunks == 0 and chunks <= max(cores, 1)
@@ -89,7 +89,7 @@ def test_kernel_gradient_is_exact_however_many_partial_sums(cores):
 
 
 def test_kernel_gradient_counts_the_cores_this_process_may_use_not_the_machines():
-    with mock.patch.object(cpu_ops.os, "sched_getaffinity", return_value={0, 1}), \
+    with mock.patch.object(cpu_ops.os, "sched_getaffinity", return_value={0, 1}, create=True), \
             mock.patch.object(cpu_ops.os, "cpu_count", return_value=64):  # fmt: skip
         assert cpu_ops.kernel_gradient_chunks(160) == 2
 
