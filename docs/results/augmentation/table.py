@@ -9,7 +9,7 @@ import pathlib
 import statistics
 
 HERE = pathlib.Path(__file__).parent
-AUGMENTATIONS = ("jitter", "nnunet", "gin", "gin_context1")
+AUGMENTATIONS = ("jitter", "nnunet", "gin", "gin_context1", "gin_ema", "gin_signalloss")
 
 
 def patient_dice(path):
@@ -42,6 +42,12 @@ def main():
         print(f"| {fold} | validation, best / last | " + " | ".join(cells) + " |")
     cells = [f"{statistics.mean(test[a]):.3f}" if len(test.get(a, ())) == 9 else "" for a in AUGMENTATIONS]
     print("| | mean of the 9 test patients | " + " | ".join(cells) + " |")
+    folds_0_2 = {a: {**patient_dice(HERE / f"{a}_fold0_test.csv"), **patient_dice(HERE / f"{a}_fold2_test.csv")}
+                 for a in AUGMENTATIONS if (HERE / f"{a}_fold0_test.csv").exists() and (HERE / f"{a}_fold2_test.csv").exists()}
+    for label, keep in (("folds 0 and 2, 6 test patients", lambda p: True), ("folds 0 and 2 without patient 15", lambda p: p != "15")):
+        cells = [f"{statistics.mean(v for p, v in folds_0_2[a].items() if keep(p)):.3f}" if a in folds_0_2 else ""
+                 for a in AUGMENTATIONS]
+        print(f"| | mean, {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
