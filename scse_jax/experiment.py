@@ -9,7 +9,7 @@ resumable: a study started again with the same command skips finished runs (thos
 resumes the unfinished one from its checkpoint; a run stopped by SIGTERM/Ctrl-C is not scored.
 Test patients are scored with and without keeping each organ's largest connected component.
 At the end it writes ``results.md`` (mean +- std over held-out patients and seeds per organ,
-per-seed means, post-processing on/off, a paired test), ``results.csv`` (every patient, organ,
+per-seed means, post-processing on/off, minutes per run, a paired test), ``results.csv`` (every patient, organ,
 seed and post-processing), ``loss_curves.png`` and side-by-side overlays; ``--report-only``
 writes them from the runs finished so far, marked partial. Overrides (``--config.field=value``,
 as launch.py takes them) apply to every config.
@@ -23,6 +23,7 @@ import json
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import ml_collections
@@ -32,6 +33,9 @@ from scse_jax import compilation, cpu_layout, evaluate, files, plots, tables, tr
 from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
+# Written by run_fold beside test_scores.csv: seconds of training and scoring, and whether the
+# run started without a checkpoint (a resumed run's seconds are only its last part).
+RUN_TIME = "run_time.json"
 SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
 
 
@@ -50,11 +54,31 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     if scores_path.exists():
         with scores_path.open() as stream:
             return [_typed_row(row) for row in csv.DictReader(stream)]
+    started_fresh = not (workdir / "checkpoints").exists()
+    start = time.perf_counter()
     train.train_and_evaluate(config, workdir)
+    trained = time.perf_counter()
     scored = evaluate.score_checkpoint_postprocessings(workdir, POSTPROCESSING, split="test", which="best")
     rows = [{**row, "postprocess": name} for name, of_choice in scored.items() for row in of_choice]
+    files.write_text(workdir / RUN_TIME, json.dumps({
+        "train_s": trained - start, "score_s": time.perf_counter() - trained, "started_fresh": started_fresh,
+    }) + "\n")
     tables.write_csv(rows, scores_path)
     return rows
+
+
+def run_minutes(workdirs: list[Path]) -> str:
+    """Median minutes (training + scoring) of the runs trained from scratch in one go."""
+    minutes = []
+    for workdir in workdirs:
+        path = workdir / RUN_TIME
+        if path.exists():
+            timing = json.loads(path.read_text())
+            if timing["started_fresh"]:
+                minutes.append((timing["train_s"] + timing["score_s"]) / 60)
+    if not minutes:
+        return "not timed (no run trained from scratch in one go)"
+    return f"median {np.median(minutes):.1f} (range {min(minutes):.1f}-{max(minutes):.1f}, {len(minutes)} runs)"
 
 
 def _typed_row(row: dict) -> dict:
@@ -267,6 +291,9 @@ def run_study(
         report.append(f"- {name}: " + " -> ".join(
             f"{np.mean(list(values.values())):.3f}" for values in by_choice.values() if values
         ))
+    report += ["", "Minutes per run, training and scoring the test patients, on the machine that ran it:", ""]
+    report += [f"- {name}: " + run_minutes([run_dir(out, name, seed, fold) for seed in seeds for fold in range(folds)])
+               for name in names]
     if len(names) == 2:
         comparison = paired_comparison(chosen[names[0]], chosen[names[1]])
         report += ["", f"Paired comparison, {names[1]} minus {names[0]} (mean Dice over organs per patient and seed):",

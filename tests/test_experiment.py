@@ -99,7 +99,20 @@ def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study
     assert len(rows) == 2 * 2 * 2 * len(patients) * 4 * 2
     assert "(partial)" not in text and "seed 0" in text and "seed 1" in text
     assert f'"pairs": {2 * len(patients)}' in text  # every (patient, seed)
+    assert text.count(" runs)") == 2 and "4 runs)" in text.split("Minutes per run")[1]
     assert (tmp_path / "loss_curves.png").exists() and list((tmp_path / "overlays").glob("*.png"))
+
+
+def test_run_minutes_counts_only_runs_trained_from_scratch(tmp_path):
+    for name, train_s, fresh in (("a", 600, True), ("b", 1200, True), ("c", 30, False), ("d", 60, True)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / experiment.RUN_TIME).write_text(
+            f'{{"train_s": {train_s}, "score_s": 60, "started_fresh": {str(fresh).lower()}}}'
+        )
+    (tmp_path / "unfinished").mkdir()
+    runs = [tmp_path / name for name in ("a", "b", "c", "d", "unfinished")]
+    assert experiment.run_minutes(runs) == "median 11.0 (range 2.0-21.0, 3 runs)"
+    assert experiment.run_minutes(runs[2:3]).startswith("not timed")
 
 
 def test_paired_comparison_pairs_patients_and_seeds():
