@@ -34,7 +34,7 @@ from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
 # Written by run_fold beside test_scores.csv: seconds of training and scoring, and whether the
-# run started without a checkpoint (a resumed run's seconds are only its last part).
+# run started without a saved step (a resumed run's seconds are only its last part).
 RUN_TIME = "run_time.json"
 SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
 
@@ -54,7 +54,7 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     if scores_path.exists():
         with scores_path.open() as stream:
             return [_typed_row(row) for row in csv.DictReader(stream)]
-    started_fresh = not (workdir / "checkpoints").exists()
+    started_fresh = not any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
     start = time.perf_counter()
     train.train_and_evaluate(config, workdir)
     trained = time.perf_counter()
@@ -77,7 +77,7 @@ def run_minutes(workdirs: list[Path]) -> str:
             if timing["started_fresh"]:
                 minutes.append((timing["train_s"] + timing["score_s"]) / 60)
     if not minutes:
-        return "not timed (no run trained from scratch in one go)"
+        return f"not timed (no {RUN_TIME} from a run trained from scratch in one go)"
     return f"median {np.median(minutes):.1f} (range {min(minutes):.1f}-{max(minutes):.1f}, {len(minutes)} runs)"
 
 

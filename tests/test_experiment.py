@@ -1,6 +1,7 @@
 """The study runner: seeds, stopped runs left unscored, post-processing on and off, reports."""
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -35,10 +36,13 @@ def fake_training(tiny_trained_run, monkeypatch):
     return trained
 
 
-def test_a_stopped_run_is_not_scored_and_the_next_call_resumes_it(tmp_path, study_settings, fake_training, monkeypatch):
+def test_a_stopped_run_is_not_scored_and_the_next_call_resumes_it(
+    tmp_path, study_settings, fake_training, tiny_trained_run, monkeypatch
+):
     real_training = train.train_and_evaluate
 
     def stopped(config, workdir):
+        shutil.copytree(tiny_trained_run[0] / "checkpoints", workdir / "checkpoints")  # the steps it saved
         raise RunStopped("SIGTERM received: saved step 3")
 
     monkeypatch.setattr(train, "train_and_evaluate", stopped)
@@ -47,9 +51,10 @@ def test_a_stopped_run_is_not_scored_and_the_next_call_resumes_it(tmp_path, stud
     assert not list(tmp_path.rglob("test_scores.csv")) and not (tmp_path / "results.md").exists()
 
     monkeypatch.setattr(train, "train_and_evaluate", real_training)  # the fake that finishes
-    rows = experiment.run_fold(experiment.load_study_configs(CONFIGS[:1], study_settings, 4)["mr_unet"],
-                               tmp_path / "mr_unet" / "seed0" / "fold0")
+    workdir = tmp_path / "mr_unet" / "seed0" / "fold0"
+    rows = experiment.run_fold(experiment.load_study_configs(CONFIGS[:1], study_settings, 4)["mr_unet"], workdir)
     assert fake_training == [("mr_unet/seed0/fold0", 0, 0)]
+    assert json.loads((workdir / experiment.RUN_TIME).read_text())["started_fresh"] is False  # resumed: not timed
     assert {row["postprocess"] for row in rows} == set(experiment.POSTPROCESSING)
     assert all("volume_ratio" in row for row in rows)
 
@@ -99,7 +104,7 @@ def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study
     assert len(rows) == 2 * 2 * 2 * len(patients) * 4 * 2
     assert "(partial)" not in text and "seed 0" in text and "seed 1" in text
     assert f'"pairs": {2 * len(patients)}' in text  # every (patient, seed)
-    assert text.count(" runs)") == 2 and "4 runs)" in text.split("Minutes per run")[1]
+    assert text.split("Minutes per run")[1].count(", 4 runs)") == 2  # both models, every run trained fresh
     assert (tmp_path / "loss_curves.png").exists() and list((tmp_path / "overlays").glob("*.png"))
 
 
