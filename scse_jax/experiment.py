@@ -78,7 +78,7 @@ def run_minutes(workdirs: list[Path]) -> str:
                 minutes.append((timing["train_s"] + timing["score_s"]) / 60)
     if not minutes:
         return f"not timed (no {RUN_TIME} from a run trained from scratch in one go)"
-    return f"median {np.median(minutes):.1f} (range {min(minutes):.1f}-{max(minutes):.1f}, {len(minutes)} runs)"
+    return f"median {np.median(minutes):.1f} (range {min(minutes):.1f}-{max(minutes):.1f}, {len(minutes)} run{'s' if len(minutes) > 1 else ''})"
 
 
 def _typed_row(row: dict) -> dict:
