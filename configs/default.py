@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     # shallow-network intensity transforms on half of the examples); data/intensity.py.
     data.intensity_augmentation = "jitter"
     # MR, with augment: share of examples whose liver, spleen or both are darkened as iron
-    # overload darkens them on T2 (data/intensity.py); 0 = never.
+    # overload darkens them on T2 (data/intensity.py); 0 = never. Measured, not adopted by the
+    # CPU recipe: docs/results/intensity_augmentation.md.
     data.organ_signal_loss = 0.0
     # Epoch 1 starts once a quarter of the training cases are read, shuffling through a buffer
     # of a quarter of the slices; False: epoch 1 waits for all cases and shuffles them fully.
@@ -65,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.boundary_weight = 0.0  # extra weight at label boundaries, x the largest class weight (QuickNAT: 2)
     train.dice_weight = 1.0  # weight of the soft Dice term
     # Validation, checkpoints' users and inference run an exponential moving average of the
-    # parameters with this decay per step (0 = the parameters themselves, as the report).
+    # parameters with this decay per step (0 = the parameters themselves, as the report); BatchNorm
+    # statistics stay those of the live parameters. Measured, not adopted by the CPU recipe:
+    # docs/results/intensity_augmentation.md.
     train.ema_decay = 0.0
     train.log_every_steps = 10  # progress line and TensorBoard scalars every N steps
 
