@@ -11,7 +11,8 @@ Test patients are scored with and without keeping each organ's largest connected
 At the end it writes ``results.md`` (mean +- std over held-out patients and seeds per organ,
 per-seed means, post-processing on/off, minutes per run, a paired test), ``results.csv`` (every patient, organ,
 seed and post-processing), ``loss_curves.png`` and side-by-side overlays; ``--report-only``
-writes them from the runs finished so far, marked partial. Overrides (``--config.field=value``,
+writes them from the runs finished so far, marked partial; the overlays are drawn once the first
+seed's fold-0 runs are finished, from their checkpoints. Overrides (``--config.field=value``,
 as launch.py takes them) apply to every config.
 """
 
@@ -54,7 +55,7 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     if scores_path.exists():
         with scores_path.open() as stream:
             return [_typed_row(row) for row in csv.DictReader(stream)]
-    started_fresh = not any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
+    started_fresh = not has_saved_step(workdir)
     start = time.perf_counter()
     train.train_and_evaluate(config, workdir)
     trained = time.perf_counter()
@@ -65,6 +66,10 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     }) + "\n")
     tables.write_csv(rows, scores_path)
     return rows
+
+
+def has_saved_step(workdir: Path) -> bool:
+    return any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
 
 
 def run_minutes(workdirs: list[Path]) -> str:
@@ -298,10 +303,15 @@ def run_study(
         comparison = paired_comparison(chosen[names[0]], chosen[names[1]])
         report += ["", f"Paired comparison, {names[1]} minus {names[0]} (mean Dice over organs per patient and seed):",
                    "", "```", json.dumps(comparison, indent=2), "```"]
+    overlay_runs = [run_dir(out, name, seeds[0], 0) for name in names]
+    overlays_ready = all((w / "test_scores.csv").exists() and has_saved_step(w) for w in overlay_runs)
+    report += ["", f"Overlays (`overlays/`): held-out patients of seed {seeds[0]}, fold 0, "
+               + ("image | each model | ground truth." if overlays_ready
+                  else "not drawn: those runs are unfinished or their checkpoints are absent.")]
     text = "\n".join(report) + "\n"
     files.write_text(out / "results.md", text)
     plot_study_curves(out, names, seeds, folds)
-    if not missing:
+    if overlays_ready:
         save_comparison_overlays(out, names, seeds[0], 0)
     return text
 

@@ -88,9 +88,11 @@ def test_run_fold_scores_both_postprocessings_from_one_restore_and_one_predictio
 def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study_settings, fake_training):
     experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0], overrides=study_settings)
     fake_training.clear()
+    shutil.rmtree(tmp_path / "overlays")
     partial = experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0, 1], overrides=study_settings, report_only=True)
     assert fake_training == []
     assert "(partial)" in partial and "4 of 8 runs not finished" in partial
+    assert list((tmp_path / "overlays").glob("*.png"))  # seed 0 fold 0 is finished: drawn while partial
 
     text = experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0, 1], overrides=study_settings)
     assert sorted(fake_training) == sorted(
@@ -106,6 +108,21 @@ def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study
     assert f'"pairs": {2 * len(patients)}' in text  # every (patient, seed)
     assert text.split("Minutes per run")[1].count(", 4 runs)") == 2  # both models, every run trained fresh
     assert (tmp_path / "loss_curves.png").exists() and list((tmp_path / "overlays").glob("*.png"))
+
+
+def test_a_report_from_run_records_alone_matches_and_skips_the_overlays(tmp_path, study_settings, fake_training):
+    full = experiment.run_study(CONFIGS, tmp_path / "study", folds=2, seeds=[0], overrides=study_settings)
+    for scores in (tmp_path / "study").rglob("test_scores.csv"):  # what a run keeps besides its checkpoints
+        records = tmp_path / "records" / scores.parent.relative_to(tmp_path / "study")
+        records.mkdir(parents=True)
+        for name in ("test_scores.csv", experiment.RUN_TIME, "metrics.jsonl"):
+            shutil.copy(scores.parent / name, records / name)
+    fake_training.clear()
+    text = experiment.run_study(CONFIGS, tmp_path / "records", folds=2, seeds=[0], overrides=study_settings)
+    assert fake_training == []  # finished runs are not trained again
+    assert text.split("| model |")[1].split("Overlays")[0] == full.split("| model |")[1].split("Overlays")[0]
+    assert "not drawn" in text and not (tmp_path / "records" / "overlays").exists()
+    assert (tmp_path / "records" / "loss_curves.png").exists()
 
 
 def test_run_minutes_counts_only_runs_trained_from_scratch(tmp_path):
