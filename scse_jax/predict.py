@@ -1,7 +1,7 @@
 """Segments DICOM series with a trained model and writes CHAOS submission PNGs or NIfTI.
 
     python -m scse_jax.predict --checkpoint runs/mr_scse_cpu --input CHAOS_Test_Sets/Test_Sets \
-        --output submission [--format png|nifti] [--which best] [--tta] [--force]
+        --output submission [--format png|nifti] [--which best|latest|STEP] [--tta] [--force]
 
 ``--input`` is one DICOM series folder, one case folder (``DICOM_anon/``) or a CHAOS tree.
 PNG output is one 8-bit PNG per slice, named after its DICOM file, in the series' order, with
@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="a DICOM series folder, a case folder or a CHAOS tree")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--format", choices=("png", "nifti"), default="png")
-    parser.add_argument("--which", default="latest", help="latest, best, or a step number")
+    parser.add_argument(
+        "--which", default="best",
+        help="best (highest validation Dice: the one `evaluate --checkpoint` scores by default), latest, or a step number",
+    )
     parser.add_argument("--tta", action="store_true", help="average over small shifts (test-time augmentation)")
     parser.add_argument("--force", action="store_true", help="overwrite existing results")
     parser.add_argument(

@@ -121,3 +121,20 @@ def test_the_command_keeps_compiled_prediction_in_the_runs_compile_cache(tiny_tr
     args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(series), "--output", str(tmp_path / "out")]
     assert predict.main(args) == 0
     assert calls[0] == ("cache", str(tiny_data[1])) and calls[1:] == [("predict",)]
+
+
+def test_the_exported_model_is_the_best_checkpoint_as_evaluate_scores_by_default(
+    tiny_trained_run, tiny_data, tmp_path, monkeypatch
+):
+    from scse_jax import evaluate
+    from scse_jax.inference import Segmenter
+
+    chosen = []
+    restore = Segmenter.from_checkpoint.__func__
+    monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(
+        lambda cls, path, **kwargs: chosen.append(kwargs["which"]) or restore(cls, path, **kwargs)
+    ))
+    args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(tiny_data[0]), "--output", str(tmp_path / "out")]
+    assert predict.main(args) == 0
+    assert evaluate.main(["--checkpoint", str(tiny_trained_run[0])]) == 0
+    assert chosen == ["best", "best"]
