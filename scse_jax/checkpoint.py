@@ -32,6 +32,11 @@ def checkpoint_dir(workdir_or_checkpoint_dir: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+def has_saved_step(workdir: str | Path) -> bool:
+    """Whether a run's workdir holds a saved step, without opening the checkpoints."""
+    return any(entry.name.isdigit() for entry in (Path(workdir) / "checkpoints").glob("*"))
+
+
 class Checkpoints:
     """The checkpoints of one run: save, list, restore."""
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from scse_jax import compilation, cpu_layout, evaluate, files, plots, tables, train
+from scse_jax import checkpoint, compilation, cpu_layout, evaluate, files, plots, tables, train
 from scse_jax.config_files import apply_overrides, is_override, load_config_file
 from scse_jax.errors import ConfigError, RunStopped, ScseError
 
@@ -55,7 +55,7 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     if scores_path.exists():
         with scores_path.open() as stream:
             return [_typed_row(row) for row in csv.DictReader(stream)]
-    started_fresh = not has_saved_step(workdir)
+    started_fresh = not checkpoint.has_saved_step(workdir)
     start = time.perf_counter()
     train.train_and_evaluate(config, workdir)
     trained = time.perf_counter()
@@ -66,10 +66,6 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     }) + "\n")
     tables.write_csv(rows, scores_path)
     return rows
-
-
-def has_saved_step(workdir: Path) -> bool:
-    return any(step.name.isdigit() for step in (workdir / "checkpoints").glob("*"))
 
 
 def run_minutes(workdirs: list[Path]) -> str:
@@ -304,7 +300,7 @@ def run_study(
         report += ["", f"Paired comparison, {names[1]} minus {names[0]} (mean Dice over organs per patient and seed):",
                    "", "```", json.dumps(comparison, indent=2), "```"]
     overlay_runs = [run_dir(out, name, seeds[0], 0) for name in names]
-    overlays_ready = all((w / "test_scores.csv").exists() and has_saved_step(w) for w in overlay_runs)
+    overlays_ready = all((w / "test_scores.csv").exists() and checkpoint.has_saved_step(w) for w in overlay_runs)
     report += ["", f"Overlays (`overlays/`): held-out patients of seed {seeds[0]}, fold 0, "
                + ("image | each model | ground truth." if overlays_ready
                   else "not drawn: those runs are unfinished or their checkpoints are absent.")]
