@@ -133,8 +133,8 @@ class Segmenter:
         """Segments a whole native volume (slices, rows, cols) and returns it on the native grid.
 
         Preprocessing is the training one (normalisation, resizing); class ids come back
-        (slices, rows, cols) uint8, or probabilities (slices, rows, cols, C) float32, resampled
-        as the class ids are (nearest), so that their argmax is the class ids before the
+        (slices, rows, cols) uint8, or probabilities (slices, rows, cols, C) float32, resized
+        bilinearly as the class ids' are, so that their argmax is the class ids before the
         largest-component post-processing.
         """
         voxels = volume.voxels if isinstance(volume, Volume) else np.asarray(volume, np.float32)
@@ -146,15 +146,12 @@ class Segmenter:
         )
         if not probabilities:
             return self.segment_to_native(images, voxels.shape[1:], tta=tta)
-        grid = self.segment(images, probabilities=True, tta=tta)
-        return np.stack(
-            [preprocess.resize_to(grid[..., c], voxels.shape[1:], order=0) for c in range(grid.shape[-1])], axis=-1
-        )
+        return preprocess.resize_probabilities(self.segment(images, probabilities=True, tta=tta), voxels.shape[1:])
 
     def segment_to_native(self, images: np.ndarray, native_rows_cols: tuple[int, int], *, tta: bool = False):
         """Class ids of preprocessed slices, on the native (rows, cols) grid, post-processed."""
         return self.predictor.to_native(
-            self.segment(images, tta=tta), native_rows_cols, largest_component=self.largest_component
+            self.segment(images, probabilities=True, tta=tta), native_rows_cols, largest_component=self.largest_component
         )
 
     def segment_case(self, case: PreparedCase) -> np.ndarray:

@@ -13,7 +13,10 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-from scse_jax.data.preprocess import resize_to_native
+from scse_jax.data.preprocess import resize_probabilities
+
+# Slices resized at a time: the native-grid probabilities of a whole CT volume would be large.
+_SLICES_PER_RESIZE = 16
 
 
 def keep_largest_components(labels: np.ndarray, class_ids: Iterable[int]) -> np.ndarray:
@@ -39,12 +42,23 @@ def keep_largest_components(labels: np.ndarray, class_ids: Iterable[int]) -> np.
 
 
 def to_native(
-    grid_labels: np.ndarray, native_rows_cols: tuple[int, int], *, num_classes: int, largest_component: bool
+    grid_probabilities: np.ndarray, native_rows_cols: tuple[int, int], *, largest_component: bool
 ) -> np.ndarray:
-    """Class ids (slices, S, S) on the training grid -> (slices, rows, cols) on the native grid,
-    with each organ reduced to its largest connected component when ``largest_component``."""
-    native = resize_to_native(np.asarray(grid_labels).astype(np.uint8), native_rows_cols)
-    return postprocessed(native, num_classes=num_classes, largest_component=largest_component)
+    """Class probabilities (slices, S, S, classes) on the training grid -> class ids
+    (slices, rows, cols) uint8 on the native grid: the probabilities resized bilinearly
+    (`preprocess.resize_probabilities`), then the most probable class, each organ reduced to
+    its largest connected component when ``largest_component``.
+
+    Resizing probabilities rather than class ids gives smooth outlines at the native
+    resolution instead of the training grid's staircase."""
+    grid_probabilities = np.asarray(grid_probabilities)
+    if grid_probabilities.ndim != 4:
+        raise ValueError(f"expected (slices, S, S, classes) probabilities, got shape {grid_probabilities.shape}")
+    native = np.empty((len(grid_probabilities), *(int(v) for v in native_rows_cols)), np.uint8)
+    for start in range(0, len(grid_probabilities), _SLICES_PER_RESIZE):
+        chunk = grid_probabilities[start : start + _SLICES_PER_RESIZE]
+        native[start : start + len(chunk)] = resize_probabilities(chunk, native_rows_cols).argmax(-1)
+    return postprocessed(native, num_classes=grid_probabilities.shape[-1], largest_component=largest_component)
 
 
 def postprocessed(native_labels: np.ndarray, *, num_classes: int, largest_component: bool) -> np.ndarray:

@@ -4,7 +4,7 @@ Validation during training, ``evaluate --checkpoint``, ``predict``, ``experiment
 ``Segmenter`` all predict through `Predictor`: slices (each with its `data.context_slices`
 neighbours as channels) go through the network in batches of one fixed size, the last one
 padded, so any number of slices reuses one compiled function; `postprocess.to_native` then
-brings class ids back to the native grid.
+brings class probabilities back to the native grid as class ids.
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def eval_step(
     model,
     **loss_weights: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`predict_step`'s class ids, and the loss over the batch's valid rows (``batch["valid"]``),
-    with `losses.segmentation_loss`'s ``loss_weights`` (`train.loss_settings`)."""
+    """`predict_step`'s class probabilities, and the loss over the batch's valid rows
+    (``batch["valid"]``), with `losses.segmentation_loss`'s ``loss_weights`` (`train.loss_settings`)."""
     logits = model.apply(variables, batch["image"], train=False)
     _, parts = losses.segmentation_loss(
         logits, batch["label"], class_weights, example_mask=batch["valid"], **loss_weights
     )
-    return _class_ids(variables, batch["image"], logits, model=model, tta=False), parts
+    return _probabilities(variables, batch["image"], logits, model=model, tta=False), parts
 
 
 def fixed_size_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -190,8 +190,8 @@ class Predictor:
     def predict_with_loss(
         self, variables, images: np.ndarray, labels: np.ndarray, class_weights: jax.Array, loss_weights: dict
     ) -> tuple[np.ndarray, dict[str, float], int]:
-        """Class ids (N, S, S) uint8 of labelled slices, the loss parts summed over batches,
-        and the slice count.
+        """Class probabilities (N, S, S, C) float32 of labelled slices, the loss parts summed
+        over batches, and the slice count.
 
         Each part (`losses.segmentation_loss`, weighted by ``loss_weights``) is a batch loss,
         cross entropy normalised over the batch and soft Dice pooled over it, multiplied by the
@@ -207,8 +207,7 @@ class Predictor:
             pieces.append(gather_to_host(predicted)[:valid])
         return np.concatenate(pieces), sums, count
 
-    def to_native(self, grid_labels: np.ndarray, native_rows_cols: tuple[int, int], *, largest_component: bool):
-        """Class ids on the training grid -> the native grid, post-processed (`postprocess.to_native`)."""
-        return postprocess.to_native(
-            grid_labels, native_rows_cols, num_classes=self.num_classes, largest_component=largest_component
-        )
+    def to_native(self, grid_probabilities: np.ndarray, native_rows_cols: tuple[int, int], *, largest_component: bool):
+        """Class probabilities on the training grid -> class ids on the native grid,
+        post-processed (`postprocess.to_native`)."""
+        return postprocess.to_native(grid_probabilities, native_rows_cols, largest_component=largest_component)

@@ -199,11 +199,13 @@ def validate(
 
     def predict_native(case: PreparedCase) -> np.ndarray:
         nonlocal slices
-        labels, sums, count = predictor.predict_with_loss(variables, case.images, case.labels, class_weights, loss_weights)
+        probabilities, sums, count = predictor.predict_with_loss(
+            variables, case.images, case.labels, class_weights, loss_weights
+        )
         for name, total in sums.items():
             loss_sums[name] = loss_sums.get(name, 0.0) + total
         slices += count
-        return predictor.to_native(labels, case.native_shape[1:], largest_component=largest_component)
+        return predictor.to_native(probabilities, case.native_shape[1:], largest_component=largest_component)
 
     rows, predictions = evaluate.score_cases(cases, predict_native, class_names)
     return {name: total / max(slices, 1) for name, total in loss_sums.items()}, rows, predictions

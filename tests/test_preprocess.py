@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scse_jax import postprocess
 from scse_jax.data import preprocess
 from scse_jax.data.preprocess import (
     PreparedCase,
@@ -15,7 +16,7 @@ from scse_jax.data.preprocess import (
     prepare_case,
     prepare_cases,
     resize_slices,
-    resize_to_native,
+    resize_labels,
 )
 from scse_jax.data.types import Case, Geometry, Volume
 from scse_jax.errors import ConfigError, DataError
@@ -109,25 +110,30 @@ def test_bad_settings_are_config_errors(kwargs):
 # Resizing ------------------------------------------------------------------------------------
 
 
-def test_label_round_trip_through_training_grid_is_exact():
-    rng = np.random.default_rng(1)
-    coarse = rng.integers(0, 5, size=(2, 8, 8)).astype(np.uint8)
-    native = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)  # (2, 32, 32), blocks of 4
-    on_grid = resize_slices(native, 16, order=0)
-    assert on_grid.dtype == np.uint8 and on_grid.shape == (2, 16, 16)
-    np.testing.assert_array_equal(resize_to_native(on_grid, (32, 32)), native)
-    # Upsampling then downsampling by an integer factor gives the labels back exactly.
-    np.testing.assert_array_equal(resize_to_native(resize_slices(coarse, 24, order=0), (8, 8)), coarse)
+def test_labels_stay_on_their_images_when_halved():
+    # An organ starting on an odd row: halving averages rows 2j and 2j + 1 of the image, and the
+    # labels must follow; nearest neighbour would take row 2j + 1 and move the outline.
+    organ = np.zeros((1, 32, 32), np.uint8)
+    organ[0, 5:21, 7:16] = 2
+    on_grid = resize_labels(organ, (16, 16))
+    image_on_grid = resize_slices((organ == 2).astype(np.float32), 16, order=1)
+    assert on_grid.dtype == np.uint8 and on_grid.shape == (1, 16, 16)
+    np.testing.assert_array_equal(on_grid == 2, image_on_grid >= 0.5)  # half-covered pixels are organ
 
 
-def test_nearest_resize_keeps_only_existing_values_and_non_square_shapes():
+def test_resized_labels_take_the_largest_share_and_only_existing_classes():
     labels = np.zeros((1, 30, 20), np.uint8)
     labels[0, 10:20, 5:15] = 4
-    out = resize_slices(labels, 16, order=0)
-    assert set(np.unique(out)) == {0, 4}
-    back = resize_to_native(out, (30, 20))
-    assert back.shape == (1, 30, 20)
-    assert np.mean(back == labels) > 0.9
+    labels[0, 0:6, 0:20] = 1
+    out = resize_labels(labels, (15, 10))
+    assert set(np.unique(out)) == {0, 1, 4}
+    expected = np.zeros((1, 15, 10), np.uint8)
+    expected[0, 5:10, 2:8] = 4  # columns 2 and 7 lie half on the organ: a tie goes to the organ
+    expected[0, 0:3] = 1
+    np.testing.assert_array_equal(out, expected)
+    up = resize_labels(out, (30, 20))
+    assert up.shape == (1, 30, 20) and np.mean(up == labels) > 0.95
+    assert resize_labels(np.zeros((0, 8, 8), np.uint8), (4, 4)).shape == (0, 4, 4)
 
 
 def test_bilinear_resize_of_images():
@@ -363,8 +369,10 @@ def test_real_ct_sample_prepares_at_native_geometry(ct_sample_dir, tmp_path):
     assert prepared.geometry.spacing_mm == pytest.approx((2.0, 0.7265625, 0.7265625))
     assert prepared.images.shape == (78, 64, 64) and 0.0 <= prepared.images.min() <= prepared.images.max() <= 1.0
     assert prepared.native_labels.shape == (78, 512, 512) and set(np.unique(prepared.native_labels)) == {0, 1}
-    # Mapping the training-grid labels back loses little of the liver (nearest, factor 8).
-    back = resize_to_native(prepared.labels, (512, 512))
+    # Mapping the training-grid labels back (as probabilities, as predictions are) loses little
+    # of the liver at a factor of 8.
+    one_hot = np.eye(2, dtype=np.float32)[prepared.labels]
+    back = postprocess.to_native(one_hot, (512, 512), largest_component=False)
     liver = prepared.native_labels == 1
     dice = 2 * (back[liver] == 1).sum() / ((back == 1).sum() + liver.sum())
     assert dice > 0.95

@@ -6,10 +6,10 @@ Normalisation (see `normalise`):
   MR: per volume, clipped to the `mr_percentiles` (default 0.5th..99.5th) of its voxels, then
       z-scored (zero mean, unit standard deviation over the clipped volume).
 
-Resizing (see `resize_slices`, `resize_to_native`) maps pixel centres onto pixel centres:
-output pixel j of n_out samples the input at (j + 0.5) * n_in / n_out - 0.5. Images use
-bilinear interpolation, labels nearest neighbour (input pixel floor((j + 0.5) * n_in / n_out)),
-so a label map taken to the training grid and back with integer factors is unchanged.
+Resizing (see `resize_slices`, `resize_labels`, `resize_probabilities`) maps pixel centres
+onto pixel centres: output pixel j of n_out samples the input at (j + 0.5) * n_in / n_out - 0.5,
+bilinearly. Label maps are resized per class on that same grid, so they stay on their images;
+predictions come back to the native grid as bilinearly resized class probabilities.
 Non-square slices are stretched onto the square grid and stretched back the same way.
 
 The cache holds one compressed `.npz` (no pickled objects) per case and settings, named
@@ -40,7 +40,7 @@ from scse_jax.errors import ConfigError, DataError, OutputError
 log = logging.getLogger(__name__)
 
 # Bump when the stored format or the meaning of the preprocessing changes.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 _TEMP_PREFIX = ".tmp-"
 _MODALITIES = ("CT", "MR")
 
@@ -169,14 +169,38 @@ def resize_slices(array: np.ndarray, size: int, *, order: int) -> np.ndarray:
     return _resize(array, (size, size), order)
 
 
-def resize_to_native(label_slices: np.ndarray, native_rows_cols: tuple[int, int]) -> np.ndarray:
-    """Maps (slices, S, S) class ids back to (slices, rows, cols), nearest neighbour."""
-    return _resize(label_slices, native_rows_cols, order=0)
+def resize_labels(labels: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
+    """Resizes (slices, rows, cols) class ids to (slices, *rows_cols), same dtype.
+
+    Each class's indicator is resized bilinearly on the images' pixel-centre grid and every
+    pixel takes the class with the largest share, a tie going to the higher class id (an organ
+    over background), as nnU-Net resamples segmentations. Nearest neighbour cannot keep labels
+    on their images at even factors: halving takes one of two equidistant pixels, which shifts
+    the labels half a native pixel against the bilinearly resized images.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise DataError(f"expected (slices, rows, cols), got shape {labels.shape}")
+    best_class = np.zeros((labels.shape[0], *(int(v) for v in rows_cols)), labels.dtype)
+    best_share = None
+    for class_id in np.unique(labels):  # ascending, so ">=" gives ties to the higher class
+        share = _resize((labels == class_id).astype(np.float32), rows_cols, order=1)
+        if best_share is None:
+            best_share, best_class[:] = share, class_id
+            continue
+        wins = share >= best_share
+        best_share = np.where(wins, share, best_share)
+        best_class[wins] = class_id
+    return best_class
 
 
-def resize_to(array: np.ndarray, rows_cols: tuple[int, int], *, order: int) -> np.ndarray:
-    """Resizes (slices, rows, cols) to (slices, *rows_cols): order 1 bilinear float32, 0 nearest."""
-    return _resize(array, rows_cols, order)
+def resize_probabilities(probabilities: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
+    """Resizes (slices, rows, cols, classes) class probabilities bilinearly to
+    (slices, *rows_cols, classes) float32; they still sum to 1 per pixel."""
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim != 4:
+        raise DataError(f"expected (slices, rows, cols, classes), got shape {probabilities.shape}")
+    return np.stack([_resize(probabilities[..., c], rows_cols, order=1) for c in range(probabilities.shape[-1])], -1)
 
 
 def _source_files(case: Case) -> tuple[Path, ...]:
@@ -317,7 +341,7 @@ def _prepare_volume(case: Case, volume: Volume, settings: PreprocessSettings) ->
                 f"voxels of shape {voxels.shape}"
             )
         native_labels = native_labels.astype(np.uint8)
-        labels = resize_slices(native_labels, size, order=0)
+        labels = resize_labels(native_labels, (size, size))
     return PreparedCase(
         case_key=case.key,
         patient=case.patient,

@@ -19,7 +19,7 @@ from scse_jax.data.preprocess import (
     PreprocessSettings,
     iter_prepared_cases,
     prepare_cases,
-    resize_slices,
+    resize_labels,
 )
 from scse_jax.data.types import Case
 from scse_jax.errors import ConfigError, DataError
@@ -202,7 +202,7 @@ class StreamedRunData:
         num_classes = len(plan.class_names)
         start = time.perf_counter()
         counts = [
-            pipeline.class_counts(resize_slices(chaos.load_labels(case), size, order=0), num_classes)
+            pipeline.class_counts(resize_labels(chaos.load_labels(case), (size, size)), num_classes)
             for case in self.train_cases
         ]
         check_training_labels(np.sum(counts, axis=0), plan.class_names, len(counts))
