@@ -4,11 +4,11 @@
 
 It differs from the report's recipe (configs/mr_scse.py) where held-out patients said so
 (docs/results/recipe.md): plain cross entropy + Dice instead of inverse-frequency class
-weights, which made every organ too large; more, smaller Adam steps at a lower rate
-(28 epochs, halved every 7: the 24-and-6 schedule stretched, docs/results/recipe.md); 128 px; each organ's largest connected component kept; GIN intensity augmentation, which
-held the mean Dice of held-out patients and lifted the weakest ones
-(docs/results/intensity_augmentation.md). The plain U-Net twin is
-configs/mr_unet_cpu.py.
+weights, which made every organ too large; more, smaller Adam steps at a lower rate (28
+epochs, halved every 7: the 24-and-6 schedule stretched); 128 px; each organ's largest
+connected component kept; GIN intensity augmentation, which held the mean Dice of held-out
+patients and lifted the weakest ones (docs/results/intensity_augmentation.md). The plain
+U-Net twin is configs/mr_unet_cpu.py.
 """
 
 from configs import mr_scse
