@@ -8,10 +8,11 @@ Parts, in this order, each a child process whose output goes to ``OUT/gpu_study.
 1. ``bench.py --device --compare-torch`` in float32, then in bfloat16: train and inference
    images/s, fraction of the chip's datasheet peak, compile time, input-pipeline waiting, and
    the PyTorch reference (eager and ``torch.compile``) timed in turns with the project's steps.
-2. The MR study: ``python -m scse_jax.experiment`` with configs/mr_unet_cpu.py and
-   configs/mr_scse_cpu.py at ``--study-size`` px for ``--study-epochs`` epochs, ``--study-folds``
-   patient-wise folds, seeds ``--study-seeds``, on ``--data``. Folds run in order, both models
-   per fold; what is left of ``--budget`` bounds it, and a study cut there is stopped with
+2. The MR study: ``python -m scse_jax.experiment`` with configs/mr_unet_cpu.py,
+   configs/mr_scse_cpu.py and configs/mr_scse_bf16.py (the same scSE computing in bfloat16) at
+   ``--study-size`` px for ``--study-epochs`` epochs, ``--study-folds`` patient-wise folds, seeds
+   ``--study-seeds``, on ``--data``; its report compares scSE with U-Net and bfloat16 with
+   float32. Folds run in order, the three configs per fold; what is left of ``--budget`` bounds it, and a study cut there is stopped with
    SIGTERM (the unfinished run is never scored) and reported from the runs that finished
    (``--report-only``, marked partial; ``gpu_study.json`` says which folds finished).
 
@@ -23,7 +24,7 @@ study_results.md, study_results.csv, study_loss_curves.png. Checkpoints and cach
 
 ``--dry-run`` runs every part on the CPU at 32 px, width 4, one epoch, on built-in synthetic
 data (or ``--data`` limited to four patients), so that a typo costs no GPU minute. Its study
-is stopped, as a spent budget would stop it, once both models finished the first fold.
+is stopped, as a spent budget would stop it, once every config finished the first fold.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from scse_jax import files  # importable: gpu_study.sh puts the checkout on PYTH
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BENCH = PROJECT_ROOT / "benchmarks" / "bench.py"
-STUDY_CONFIGS = ("configs/mr_unet_cpu.py", "configs/mr_scse_cpu.py")
+# Each is compared with the one before it: scSE with U-Net, bfloat16 with float32 (does bf16 keep Dice?).
+STUDY_CONFIGS = ("configs/mr_unet_cpu.py", "configs/mr_scse_cpu.py", "configs/mr_scse_bf16.py")
 DTYPES = ("float32", "bfloat16")
 # Seconds kept back from the budget for the study's report and this summary.
 REPORT_RESERVE_S = 60
@@ -283,7 +285,7 @@ def plot_speed(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def study_summary(folder: Path, folds: int, seeds: list[int]) -> dict[str, Any]:
     """Which runs finished, and each model's mean Dice over organs and held-out patients, over
-    every finished fold and over the folds that both models finished (the paired reading)."""
+    every finished fold and over the folds that every config finished (the paired reading)."""
     summary: dict[str, Any] = {"runs_planned": len(STUDY_CONFIGS) * folds * len(seeds)}
     names = [Path(config).stem for config in STUDY_CONFIGS]
     finished = sorted(
@@ -292,11 +294,11 @@ def study_summary(folder: Path, folds: int, seeds: list[int]) -> dict[str, Any]:
         if (folder / name / f"seed{seed}" / f"fold{fold}" / "test_scores.csv").exists()
     )
     summary["runs_finished"] = finished
-    both = [
+    by_all = [
         (seed, fold) for seed in seeds for fold in range(folds)
         if all(f"{name}/seed{seed}/fold{fold}" in finished for name in names)
     ]
-    summary["folds_finished_by_both"] = [f"seed{seed}/fold{fold}" for seed, fold in both]
+    summary["folds_finished_by_all"] = [f"seed{seed}/fold{fold}" for seed, fold in by_all]
     results = folder / "results.csv"
     if not results.exists():
         return summary
@@ -309,11 +311,11 @@ def study_summary(folder: Path, folds: int, seeds: list[int]) -> dict[str, Any]:
             per_patient.setdefault((row["patient"], row["seed"]), []).append(float(row["dice"]))
         return statistics.fmean(statistics.fmean(v) for v in per_patient.values()) if per_patient else None
 
-    paired = {(str(seed), str(fold)) for seed, fold in both}
+    paired = {(str(seed), str(fold)) for seed, fold in by_all}
     summary["mean_dice_largest_component"] = {
         name: {
             "all_finished_folds": mean_dice([r for r in rows if r["model"] == name]),
-            "folds_finished_by_both": mean_dice(
+            "folds_finished_by_all": mean_dice(
                 [r for r in rows if r["model"] == name and (r["seed"], r["fold"]) in paired]),
             "patients": len({r["patient"] for r in rows if r["model"] == name}),
         }
@@ -389,7 +391,7 @@ class Study:
         timeout = self.remaining() - REPORT_RESERVE_S
 
         def first_fold_done() -> str | None:
-            return "dry run, first fold done" if study_summary(folder, folds, seeds)["folds_finished_by_both"] else None
+            return "dry run, first fold done" if study_summary(folder, folds, seeds)["folds_finished_by_all"] else None
 
         # The dry run stops the study as a spent budget would, once the first fold is done, so
         # that the stop and the partial report are exercised too (and cost no GPU minute).

@@ -9,7 +9,8 @@ resumable: a study started again with the same command skips finished runs (thos
 resumes the unfinished one from its checkpoint; a run stopped by SIGTERM/Ctrl-C is not scored.
 Test patients are scored with and without keeping each organ's largest connected component.
 At the end it writes ``results.md`` (mean +- std over held-out patients and seeds per organ,
-per-seed means, post-processing on/off, minutes per run, a paired test), ``results.csv`` (every patient, organ,
+per-seed means, post-processing on/off, minutes per run, a paired test of each config against
+the one before it), ``results.csv`` (every patient, organ,
 seed and post-processing), ``loss_curves.png`` and side-by-side overlays; ``--report-only``
 writes them from the runs finished so far, marked partial; the overlays are drawn once the first
 seed's fold-0 runs are finished, from their checkpoints. Overrides (``--config.field=value``,
@@ -148,6 +149,18 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str = "dic
     if len(by_patient) >= 2 and np.any(by_patient != 0):
         result["patient_means_wilcoxon_p"] = float(stats.wilcoxon(by_patient).pvalue)
     return result
+
+
+def paired_comparison_lines(chosen: dict[str, list[dict]]) -> list[str]:
+    """The report's paired comparisons: each config minus the one before it, in the order given
+    (U-Net, scSE, a variant of scSE: each change against the model it changes)."""
+    names = list(chosen)
+    lines = []
+    for before, after in zip(names, names[1:]):
+        comparison = paired_comparison(chosen[before], chosen[after])
+        lines += ["", f"Paired comparison, {after} minus {before} (mean Dice over organs per patient and seed):",
+                  "", "```", json.dumps(comparison, indent=2), "```"]
+    return lines
 
 
 def run_dir(out: Path, name: str, seed: int, fold: int) -> Path:
@@ -295,10 +308,7 @@ def run_study(
     report += ["", "Minutes per run, training and scoring the test patients, on the machine that ran it:", ""]
     report += [f"- {name}: " + run_minutes([run_dir(out, name, seed, fold) for seed in seeds for fold in range(folds)])
                for name in names]
-    if len(names) == 2:
-        comparison = paired_comparison(chosen[names[0]], chosen[names[1]])
-        report += ["", f"Paired comparison, {names[1]} minus {names[0]} (mean Dice over organs per patient and seed):",
-                   "", "```", json.dumps(comparison, indent=2), "```"]
+    report += paired_comparison_lines(chosen)
     overlay_runs = [run_dir(out, name, seeds[0], 0) for name in names]
     overlays_ready = all((w / "test_scores.csv").exists() and checkpoint.has_saved_step(w) for w in overlay_runs)
     report += ["", f"Overlays (`overlays/`): held-out patients of seed {seeds[0]}, fold 0, "

@@ -152,6 +152,21 @@ def test_paired_comparison_pairs_patients_and_seeds():
     assert experiment.seed_means(b) == pytest.approx({0: 0.6, 1: 2.0 / 3})
 
 
+def test_each_config_is_compared_with_the_one_before_it():
+    def rows(shift):
+        return [{"patient": p, "seed": 0, "organ": "liver", "dice": 0.5 + 0.1 * int(p) + shift} for p in "123"]
+
+    lines = experiment.paired_comparison_lines({"unet": rows(0.0), "scse": rows(0.02), "scse_bf16": rows(0.01)})
+    titles = [line for line in lines if line.startswith("Paired comparison")]
+    assert titles == [
+        "Paired comparison, scse minus unet (mean Dice over organs per patient and seed):",
+        "Paired comparison, scse_bf16 minus scse (mean Dice over organs per patient and seed):",
+    ]
+    results = [json.loads(block.split("```")[1]) for block in "\n".join(lines).split("Paired comparison")[1:]]
+    assert [r["mean_difference"] for r in results] == pytest.approx([0.02, -0.01])
+    assert experiment.paired_comparison_lines({"unet": rows(0.0)}) == []
+
+
 def test_bad_seeds_and_folds_are_one_line_errors(tmp_path, capsys):
     assert experiment.main(["--config", CONFIGS[0], "--out", str(tmp_path), "--seeds", "0,x"]) == 1
     assert "--seeds" in capsys.readouterr().err

@@ -113,19 +113,21 @@ def test_dry_run_trains_the_mr_study_and_reports_it_when_stopped(dry_run):
     """Stopped as a spent budget stops it, after the first fold: a partial report of that fold."""
     out, _, _ = dry_run
     study = json.loads((out / "gpu_study.json").read_text())["study"]
-    assert study["runs_planned"] == 4
-    assert study["runs_finished"] == ["mr_scse_cpu/seed0/fold0", "mr_unet_cpu/seed0/fold0"]
-    assert study["folds_finished_by_both"] == ["seed0/fold0"]
-    for name in ("mr_unet_cpu", "mr_scse_cpu"):
+    assert study["runs_planned"] == 6
+    assert study["runs_finished"] == ["mr_scse_bf16/seed0/fold0", "mr_scse_cpu/seed0/fold0", "mr_unet_cpu/seed0/fold0"]
+    assert study["folds_finished_by_all"] == ["seed0/fold0"]
+    for name in ("mr_unet_cpu", "mr_scse_cpu", "mr_scse_bf16"):
         dice = study["mean_dice_largest_component"][name]
-        assert 0 <= dice["all_finished_folds"] <= 1 and dice["all_finished_folds"] == dice["folds_finished_by_both"]
+        assert 0 <= dice["all_finished_folds"] <= 1 and dice["all_finished_folds"] == dice["folds_finished_by_all"]
         assert dice["patients"] == 2  # fold 0 of the four phantom patients
     report = (out / "study_results.md").read_text()
-    assert "mr_unet_cpu" in report and "mr_scse_cpu" in report
-    assert "(partial)" in report and "2 of 4 runs not finished" in report
+    assert "(partial)" in report and "3 of 6 runs not finished" in report
+    assert "Paired comparison, mr_scse_cpu minus mr_unet_cpu" in report
+    assert "Paired comparison, mr_scse_bf16 minus mr_scse_cpu" in report  # does bfloat16 keep Dice
     with (out / "study_results.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    assert {row["model"] for row in rows} == {"mr_unet_cpu", "mr_scse_cpu"} and {row["fold"] for row in rows} == {"0"}
+    assert {row["model"] for row in rows} == {"mr_unet_cpu", "mr_scse_cpu", "mr_scse_bf16"}
+    assert {row["fold"] for row in rows} == {"0"}
 
 
 def test_a_part_past_its_time_limit_is_stopped_then_killed(gpu_study, tmp_path):
@@ -142,10 +144,10 @@ def test_a_part_past_its_time_limit_is_stopped_then_killed(gpu_study, tmp_path):
     assert "[sleeper] started" in text and "SIGTERM" in text and "SIGKILL" in text
 
 
-def test_study_summary_pairs_only_the_folds_both_models_finished(gpu_study, tmp_path):
-    """A study cut by its budget: U-Net finished folds 0 and 1, scSE only fold 0."""
+def test_study_summary_pairs_only_the_folds_every_config_finished(gpu_study, tmp_path):
+    """A study cut by its budget: U-Net finished folds 0 and 1, scSE and its bfloat16 twin only fold 0."""
     rows = []
-    for name, folds, dice in (("mr_unet_cpu", (0, 1), (0.8, 0.6)), ("mr_scse_cpu", (0,), (0.9,))):
+    for name, folds, dice in (("mr_unet_cpu", (0, 1), (0.8, 0.6)), ("mr_scse_cpu", (0,), (0.9,)), ("mr_scse_bf16", (0,), (0.85,))):
         for fold, value in zip(folds, dice):
             (tmp_path / name / "seed0" / f"fold{fold}").mkdir(parents=True)
             (tmp_path / name / "seed0" / f"fold{fold}" / "test_scores.csv").write_text("patient\n")
@@ -158,12 +160,15 @@ def test_study_summary_pairs_only_the_folds_both_models_finished(gpu_study, tmp_
         writer.writeheader()
         writer.writerows(rows)
     summary = gpu_study.study_summary(tmp_path, folds=5, seeds=[0])
-    assert summary["runs_planned"] == 10
-    assert summary["runs_finished"] == ["mr_scse_cpu/seed0/fold0", "mr_unet_cpu/seed0/fold0", "mr_unet_cpu/seed0/fold1"]
-    assert summary["folds_finished_by_both"] == ["seed0/fold0"]
+    assert summary["runs_planned"] == 15
+    assert summary["runs_finished"] == [
+        "mr_scse_bf16/seed0/fold0", "mr_scse_cpu/seed0/fold0", "mr_unet_cpu/seed0/fold0", "mr_unet_cpu/seed0/fold1"
+    ]
+    assert summary["folds_finished_by_all"] == ["seed0/fold0"]
     unet = summary["mean_dice_largest_component"]["mr_unet_cpu"]
-    assert unet["all_finished_folds"] == pytest.approx(0.7) and unet["folds_finished_by_both"] == pytest.approx(0.8)
-    assert summary["mean_dice_largest_component"]["mr_scse_cpu"]["folds_finished_by_both"] == pytest.approx(0.9)
+    assert unet["all_finished_folds"] == pytest.approx(0.7) and unet["folds_finished_by_all"] == pytest.approx(0.8)
+    assert summary["mean_dice_largest_component"]["mr_scse_cpu"]["folds_finished_by_all"] == pytest.approx(0.9)
+    assert summary["mean_dice_largest_component"]["mr_scse_bf16"]["folds_finished_by_all"] == pytest.approx(0.85)
 
 
 def test_commands_of_the_gpu_run_and_of_the_dry_run(gpu_study, tmp_path):
