@@ -81,13 +81,13 @@ def save_case_panels(case, named_predictions: dict[str, np.ndarray], path: Path,
 
     Shown on the training grid; the busiest ground-truth slice unless ``index`` is given.
     """
-    from scse_jax.data.preprocess import resize_slices
+    from scse_jax.data.preprocess import resize_labels
 
     index = busiest_slice(case.labels) if index is None else index
     image = case.images[index]
     panels = [("image", image)]
     for name, prediction in named_predictions.items():
-        on_grid = resize_slices(prediction[index : index + 1], image.shape[-1], order=0)[0]
+        on_grid = resize_labels(prediction[index : index + 1], image.shape[:2])[0]
         panels.append((name, overlay(image, on_grid)))
     panels.append(("ground truth", overlay(image, case.labels[index])))
     return save_panels(panels, path)

@@ -118,7 +118,12 @@ def test_labels_stay_on_their_images_when_halved():
     on_grid = resize_labels(organ, (16, 16))
     image_on_grid = resize_slices((organ == 2).astype(np.float32), 16, order=1)
     assert on_grid.dtype == np.uint8 and on_grid.shape == (1, 16, 16)
-    np.testing.assert_array_equal(on_grid == 2, image_on_grid >= 0.5)  # half-covered pixels are organ
+    np.testing.assert_array_equal(on_grid[image_on_grid > 0.5], 2)
+    np.testing.assert_array_equal(on_grid[image_on_grid < 0.5], 0)
+    # Pixels half on the organ go to it on a checkerboard, to the background elsewhere.
+    half = image_on_grid == 0.5
+    checkerboard = (np.add.outer(np.arange(16), np.arange(16)) % 2 == 0)[None]
+    np.testing.assert_array_equal(on_grid[half], np.where(checkerboard[half], 2, 0))
 
 
 def test_resized_labels_take_the_largest_share_and_only_existing_classes():
@@ -128,12 +133,26 @@ def test_resized_labels_take_the_largest_share_and_only_existing_classes():
     out = resize_labels(labels, (15, 10))
     assert set(np.unique(out)) == {0, 1, 4}
     expected = np.zeros((1, 15, 10), np.uint8)
-    expected[0, 5:10, 2:8] = 4  # columns 2 and 7 lie half on the organ: a tie goes to the organ
+    expected[0, 5:10, 3:7] = 4  # every output pixel here covers 2 x 2 input pixels
     expected[0, 0:3] = 1
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(np.delete(out, [2, 7], axis=2), np.delete(expected, [2, 7], axis=2))
+    for column in (2, 7):  # half on the organ: organ and background alternate down the column
+        np.testing.assert_array_equal(out[0, 5:10, column] == 4, np.arange(5, 10) % 2 == column % 2)
     up = resize_labels(out, (30, 20))
     assert up.shape == (1, 30, 20) and np.mean(up == labels) > 0.95
     assert resize_labels(np.zeros((0, 8, 8), np.uint8), (4, 4)).shape == (0, 4, 4)
+
+
+def test_halving_keeps_organ_areas():
+    # Ties all given to organs would grow each organ by some per cent, all given to the
+    # background shrink it; the checkerboard keeps the area.
+    rows, cols = np.mgrid[0:256, 0:256]
+    labels = np.zeros((1, 256, 256), np.uint8)
+    labels[0][((rows - 100.3) ** 2 + (cols - 90.6) ** 2) < 40.2**2] = 1
+    labels[0][((rows - 190.1) ** 2 / 2 + (cols - 180.7) ** 2) < 25.5**2] = 3
+    out = resize_labels(labels, (128, 128))
+    for class_id in (1, 3):
+        assert (out == class_id).sum() * 4 / (labels == class_id).sum() == pytest.approx(1.0, abs=0.01)
 
 
 def test_bilinear_resize_of_images():

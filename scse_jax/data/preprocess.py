@@ -172,23 +172,29 @@ def resize_slices(array: np.ndarray, size: int, *, order: int) -> np.ndarray:
 def resize_labels(labels: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
     """Resizes (slices, rows, cols) class ids to (slices, *rows_cols), same dtype.
 
-    Each class's indicator is resized bilinearly on the images' pixel-centre grid and every
-    pixel takes the class with the largest share, a tie going to the higher class id (an organ
-    over background), as nnU-Net resamples segmentations. Nearest neighbour cannot keep labels
-    on their images at even factors: halving takes one of two equidistant pixels, which shifts
-    the labels half a native pixel against the bilinearly resized images.
+    Each class's indicator is resized bilinearly on the images' pixel-centre grid, as the images
+    are, and every pixel takes the class with the largest value there: its share of the pixel
+    when shrinking by up to 2x. Nearest neighbour cannot keep labels on their images at even
+    factors: halving takes one of two equidistant pixels, which moves the labels half a native
+    pixel against the bilinearly resized images.
+
+    Ties (a pixel half on an organ, along every outline that halving splits) go to the higher
+    class on a checkerboard of pixels and to the lower one on the others: giving them all to
+    one side would grow or shrink every organ on the grid by a few per cent.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise DataError(f"expected (slices, rows, cols), got shape {labels.shape}")
-    best_class = np.zeros((labels.shape[0], *(int(v) for v in rows_cols)), labels.dtype)
+    rows, cols = (int(v) for v in rows_cols)
+    best_class = np.zeros((labels.shape[0], rows, cols), labels.dtype)
+    checkerboard = (np.add.outer(np.arange(rows), np.arange(cols)) % 2 == 0)[None]
     best_share = None
-    for class_id in np.unique(labels):  # ascending, so ">=" gives ties to the higher class
-        share = _resize((labels == class_id).astype(np.float32), rows_cols, order=1)
+    for class_id in np.unique(labels):  # ascending: a later class is the higher one
+        share = _resize((labels == class_id).astype(np.float32), (rows, cols), order=1)
         if best_share is None:
             best_share, best_class[:] = share, class_id
             continue
-        wins = share >= best_share
+        wins = (share > best_share) | ((share == best_share) & checkerboard)
         best_share = np.where(wins, share, best_share)
         best_class[wins] = class_id
     return best_class
