@@ -40,7 +40,7 @@ from scse_jax.errors import ConfigError, DataError, OutputError
 log = logging.getLogger(__name__)
 
 # Bump when the stored format or the meaning of the preprocessing changes.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 _TEMP_PREFIX = ".tmp-"
 _MODALITIES = ("CT", "MR")
 
