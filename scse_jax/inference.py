@@ -141,9 +141,7 @@ class Segmenter:
         if voxels.ndim != 3 or 0 in voxels.shape:
             raise ConfigError(f"segment_volume() expects a (slices, rows, cols) volume with voxels, got {voxels.shape}")
         modality = modality or self.config.data.modality
-        images = preprocess.resize_slices(
-            preprocess.normalise(voxels, modality, self.settings), self.settings.image_size, order=1
-        )
+        images = preprocess.resize_slices(preprocess.normalise(voxels, modality, self.settings), self.settings.image_size)
         if not probabilities:
             return self.segment_to_native(images, voxels.shape[1:], tta=tta)
         return preprocess.resize_probabilities(self.segment(images, probabilities=True, tta=tta), voxels.shape[1:])

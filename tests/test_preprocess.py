@@ -116,7 +116,7 @@ def test_labels_stay_on_their_images_when_halved():
     organ = np.zeros((1, 32, 32), np.uint8)
     organ[0, 5:21, 7:16] = 2
     on_grid = resize_labels(organ, (16, 16))
-    image_on_grid = resize_slices((organ == 2).astype(np.float32), 16, order=1)
+    image_on_grid = resize_slices((organ == 2).astype(np.float32), 16)
     assert on_grid.dtype == np.uint8 and on_grid.shape == (1, 16, 16)
     np.testing.assert_array_equal(on_grid[image_on_grid > 0.5], 2)
     np.testing.assert_array_equal(on_grid[image_on_grid < 0.5], 0)
@@ -157,23 +157,15 @@ def test_halving_keeps_organ_areas():
 
 def test_bilinear_resize_of_images():
     ramp = np.tile(np.arange(32, dtype=np.float32), (1, 32, 1))  # columns 0..31
-    out = resize_slices(ramp, 16, order=1)
+    out = resize_slices(ramp, 16)
     assert out.dtype == np.float32 and out.shape == (1, 16, 16)
     # Pixel centres map onto pixel centres: output column j averages input columns 2j, 2j+1.
     np.testing.assert_allclose(out[0, 0], np.arange(16) * 2 + 0.5, atol=1e-5)
     constant = np.full((2, 10, 14), 3.25, np.float32)
-    np.testing.assert_allclose(resize_slices(constant, 7, order=1), 3.25, atol=1e-6)
-    up = resize_slices(ramp, 64, order=1)
+    np.testing.assert_allclose(resize_slices(constant, 7), 3.25, atol=1e-6)
+    up = resize_slices(ramp, 64)
     assert up.min() >= 0.0 and up.max() <= 31.0
     assert np.all(np.diff(up[0, 0]) >= 0)
-
-
-def test_bad_order_is_a_config_error():
-    with pytest.raises(ConfigError):
-        resize_slices(np.zeros((1, 4, 4)), 2, order=3)
-
-
-# prepare_case and the cache ------------------------------------------------------------------
 
 
 def test_prepare_case_shapes_and_types(case):

@@ -128,10 +128,6 @@ def _sample_positions(n_in: int, n_out: int) -> np.ndarray:
     return (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
 
 
-def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    return np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
-
-
 def _linear_along(array: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     n_in = array.shape[axis]
     positions = np.clip(_sample_positions(n_in, n_out), 0.0, n_in - 1)
@@ -143,30 +139,25 @@ def _linear_along(array: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     return np.take(array, lower, axis=axis) * (1 - weight) + np.take(array, upper, axis=axis) * weight
 
 
-def _resize(array: np.ndarray, rows_cols: tuple[int, int], order: int) -> np.ndarray:
+def _resize(array: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
+    """Bilinear, pixel centres on pixel centres; (slices, rows, cols) -> (slices, *rows_cols) float32."""
     array = np.asarray(array)
     if array.ndim != 3:
         raise DataError(f"expected (slices, rows, cols), got shape {array.shape}")
     rows, cols = (int(v) for v in rows_cols)
     if rows < 1 or cols < 1:
         raise ConfigError(f"target size must be positive, got {rows_cols}")
-    if order == 0:
-        rows_index = _nearest_indices(array.shape[1], rows)
-        cols_index = _nearest_indices(array.shape[2], cols)
-        return array[:, rows_index][:, :, cols_index]
-    if order == 1:
-        out = array.astype(np.float32, copy=False)
-        if out.shape[1] != rows:
-            out = _linear_along(out, 1, rows)
-        if out.shape[2] != cols:
-            out = _linear_along(out, 2, cols)
-        return np.ascontiguousarray(out, dtype=np.float32)
-    raise ConfigError(f"order must be 0 (nearest) or 1 (bilinear), got {order!r}")
+    out = array.astype(np.float32, copy=False)
+    if out.shape[1] != rows:
+        out = _linear_along(out, 1, rows)
+    if out.shape[2] != cols:
+        out = _linear_along(out, 2, cols)
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def resize_slices(array: np.ndarray, size: int, *, order: int) -> np.ndarray:
-    """Resizes (slices, rows, cols) to (slices, size, size): order 1 bilinear float32, 0 nearest."""
-    return _resize(array, (size, size), order)
+def resize_slices(array: np.ndarray, size: int) -> np.ndarray:
+    """Resizes (slices, rows, cols) images to (slices, size, size) float32, bilinearly."""
+    return _resize(array, (size, size))
 
 
 def resize_labels(labels: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
@@ -190,7 +181,7 @@ def resize_labels(labels: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
     checkerboard = (np.add.outer(np.arange(rows), np.arange(cols)) % 2 == 0)[None]
     best_share = None
     for class_id in np.unique(labels):  # ascending: a later class is the higher one
-        share = _resize((labels == class_id).astype(np.float32), (rows, cols), order=1)
+        share = _resize((labels == class_id).astype(np.float32), (rows, cols))
         if best_share is None:
             best_share, best_class[:] = share, class_id
             continue
@@ -206,7 +197,7 @@ def resize_probabilities(probabilities: np.ndarray, rows_cols: tuple[int, int]) 
     probabilities = np.asarray(probabilities)
     if probabilities.ndim != 4:
         raise DataError(f"expected (slices, rows, cols, classes), got shape {probabilities.shape}")
-    return np.stack([_resize(probabilities[..., c], rows_cols, order=1) for c in range(probabilities.shape[-1])], -1)
+    return np.stack([_resize(probabilities[..., c], rows_cols) for c in range(probabilities.shape[-1])], -1)
 
 
 def _source_files(case: Case) -> tuple[Path, ...]:
@@ -337,7 +328,7 @@ def _prepare_volume(case: Case, volume: Volume, settings: PreprocessSettings) ->
     if not np.all(np.isfinite(voxels)):
         raise DataError(f"{first_file}: the volume holds non-finite voxel values")
     size = settings.image_size
-    images = resize_slices(normalise(voxels, case.modality, settings), size, order=1)
+    images = resize_slices(normalise(voxels, case.modality, settings), size)
     labels = native_labels = None
     if volume.labels is not None:
         native_labels = np.asarray(volume.labels)

@@ -39,7 +39,7 @@ def main(root, out):
     scores, areas = {}, {}
     for path in sorted(glob.glob(f"{root}/label_*.nii.gz")):
         labels = np.asarray(nibabel.load(path).dataobj).astype(np.uint8).transpose(2, 0, 1)
-        shares = np.stack([resize_slices((labels == c).astype(np.float32), 128, order=1) for c in range(5)], -1)
+        shares = np.stack([resize_slices((labels == c).astype(np.float32), 128) for c in range(5)], -1)
         ties_to_organ = (shares + 1e-4 * np.arange(5)).argmax(-1)  # float32 shares tie exactly at 0.5
         grids = {
             "nearest_nearest": nearest(labels, 128),
