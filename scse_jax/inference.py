@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from scse_jax import checkpoint, cpu_layout, sharding
+from scse_jax import checkpoint, cpu_layout, postprocess, sharding
 from scse_jax.data import pipeline, preprocess
 from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.types import Volume
@@ -148,7 +148,7 @@ class Segmenter:
 
     def segment_to_native(self, images: np.ndarray, native_rows_cols: tuple[int, int], *, tta: bool = False):
         """Class ids of preprocessed slices, on the native (rows, cols) grid, post-processed."""
-        return self.predictor.to_native(
+        return postprocess.to_native(
             self.segment(images, probabilities=True, tta=tta), native_rows_cols, largest_component=self.largest_component
         )
 

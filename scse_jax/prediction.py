@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scse_jax import compilation, losses, postprocess, sharding
+from scse_jax import compilation, losses, sharding
 from scse_jax.data import pipeline
 from scse_jax.errors import ConfigError, DataError
 
@@ -206,8 +206,3 @@ class Predictor:
             count += valid
             pieces.append(gather_to_host(predicted)[:valid])
         return np.concatenate(pieces), sums, count
-
-    def to_native(self, grid_probabilities: np.ndarray, native_rows_cols: tuple[int, int], *, largest_component: bool):
-        """Class probabilities on the training grid -> class ids on the native grid,
-        post-processed (`postprocess.to_native`)."""
-        return postprocess.to_native(grid_probabilities, native_rows_cols, largest_component=largest_component)

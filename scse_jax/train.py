@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scse_jax import checkpoint, cpu_layout, evaluate, files, losses, sharding
+from scse_jax import checkpoint, cpu_layout, evaluate, files, losses, postprocess, sharding
 from scse_jax.compilation import step_compiler_options, step_fits_in_memory
 from scse_jax.data import intensity, pipeline
 from scse_jax.data.preprocess import PreparedCase
@@ -205,7 +205,7 @@ def validate(
         for name, total in sums.items():
             loss_sums[name] = loss_sums.get(name, 0.0) + total
         slices += count
-        return predictor.to_native(probabilities, case.native_shape[1:], largest_component=largest_component)
+        return postprocess.to_native(probabilities, case.native_shape[1:], largest_component=largest_component)
 
     rows, predictions = evaluate.score_cases(cases, predict_native, class_names)
     return {name: total / max(slices, 1) for name, total in loss_sums.items()}, rows, predictions
