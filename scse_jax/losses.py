@@ -1,6 +1,9 @@
 """The report's loss: class-weighted cross entropy plus soft Dice.
 
-Cross entropy is weighted per pixel by its true class's weight (plus, optionally, a boundary
+Both compare the prediction with a target distribution per pixel: the one-hot of its label, or
+with ``data.soft_labels`` each class's share of the pixel (`preprocess.label_shares`).
+
+Cross entropy is weighted per pixel by its target's class weight (plus, optionally, a boundary
 weight: QuickNAT's w0 I(|grad S(x)| > 0), Roy et al., NeuroImage 2019) before reducing, and
 normalised by the sum of those weights (as PyTorch's weighted ``CrossEntropyLoss`` does), so
 the loss scale does not depend on how rare the foreground is in a batch.
@@ -41,6 +44,14 @@ def label_boundaries(labels: jax.Array) -> jax.Array:
     return differs.astype(jnp.float32)
 
 
+def _targets(labels: jax.Array, num_classes: int, shares: jax.Array | None) -> jax.Array:
+    """Each pixel's target distribution over the classes: ``shares`` (B, H, W, C) where given,
+    else the one-hot of ``labels`` (B, H, W)."""
+    if shares is None:
+        return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return shares.astype(jnp.float32)
+
+
 def weighted_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -48,30 +59,36 @@ def weighted_cross_entropy(
     example_mask: jax.Array | None = None,
     *,
     boundary_weight: float = 0.0,
+    shares: jax.Array | None = None,
 ) -> jax.Array:
-    """Sum of -w(x) log p(y(x)) over pixels x, divided by the sum of w(x).
+    """Sum of -w(x) sum_c q_c(x) log p_c(x) over pixels x, divided by the sum of w(x).
 
-    w(x) = class_weights[y(x)] + boundary_weight * max(class_weights) at label boundaries: with
-    median-frequency class weights and boundary_weight 2 this is QuickNAT's w0 = 2 median(f) / f_min.
+    q(x) is the one-hot of the label y(x), or the class ``shares`` of the pixel where given
+    (``data.soft_labels``). w(x) = sum_c q_c(x) class_weights[c] + boundary_weight *
+    max(class_weights) at label boundaries: with median-frequency class weights and
+    boundary_weight 2 this is QuickNAT's w0 = 2 median(f) / f_min.
     """
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    true_log_prob = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-    pixel_weights = class_weights[labels]
+    targets = _targets(labels, logits.shape[-1], shares)
+    pixel_weights = targets @ class_weights
     if boundary_weight:
         pixel_weights = pixel_weights + boundary_weight * jnp.max(class_weights) * label_boundaries(labels)
     pixel_weights = pixel_weights * _example_weights(labels, example_mask)
-    return -jnp.sum(pixel_weights * true_log_prob) / jnp.maximum(jnp.sum(pixel_weights), 1e-12)
+    pixel_losses = -jnp.sum(targets * log_probs, axis=-1)
+    return jnp.sum(pixel_weights * pixel_losses) / jnp.maximum(jnp.sum(pixel_weights), 1e-12)
 
 
-def soft_dice_loss(logits: jax.Array, labels: jax.Array, example_mask: jax.Array | None = None) -> jax.Array:
-    """1 - mean over foreground classes of the soft Dice over the whole batch."""
-    num_classes = logits.shape[-1]
+def soft_dice_loss(
+    logits: jax.Array, labels: jax.Array, example_mask: jax.Array | None = None, *, shares: jax.Array | None = None
+) -> jax.Array:
+    """1 - mean over foreground classes of the soft Dice over the whole batch (against the one-hot
+    labels, or the class ``shares`` where given)."""
     mask = _example_weights(labels, example_mask)[..., None]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * mask
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask
+    targets = _targets(labels, logits.shape[-1], shares) * mask
     reduce_axes = tuple(range(logits.ndim - 1))
-    intersection = jnp.sum(probs * one_hot, axis=reduce_axes)
-    total = jnp.sum(probs, axis=reduce_axes) + jnp.sum(one_hot, axis=reduce_axes)
+    intersection = jnp.sum(probs * targets, axis=reduce_axes)
+    total = jnp.sum(probs, axis=reduce_axes) + jnp.sum(targets, axis=reduce_axes)
     dice = (2.0 * intersection + DICE_SMOOTH) / (total + DICE_SMOOTH)
     return 1.0 - jnp.mean(dice[1:])
 
@@ -85,9 +102,13 @@ def segmentation_loss(
     dice_weight: float = 1.0,
     boundary_weight: float = 0.0,
     example_mask: jax.Array | None = None,
+    shares: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted cross entropy plus soft Dice; returns the total and its parts."""
-    ce = weighted_cross_entropy(logits, labels, class_weights, example_mask, boundary_weight=boundary_weight)
-    dice = soft_dice_loss(logits, labels, example_mask)
+    """Weighted cross entropy plus soft Dice, against the labels or their class ``shares``;
+    returns the total and its parts."""
+    ce = weighted_cross_entropy(
+        logits, labels, class_weights, example_mask, boundary_weight=boundary_weight, shares=shares
+    )
+    dice = soft_dice_loss(logits, labels, example_mask, shares=shares)
     total = ce_weight * ce + dice_weight * dice
     return total, {"loss": total, "cross_entropy": ce, "dice_loss": dice}

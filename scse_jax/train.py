@@ -58,7 +58,9 @@ def train_step(
             train=True,
             mutable=["batch_stats"],
         )
-        loss, parts = losses.segmentation_loss(logits, batch["label"], class_weights, **loss_weights)
+        loss, parts = losses.segmentation_loss(
+            logits, batch["label"], class_weights, shares=batch.get("label_shares"), **loss_weights
+        )
         return loss, (parts, updates["batch_stats"])
 
     (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -98,6 +100,10 @@ def compile_train_step_ahead(train_fn, abstract_state, config, mesh, num_classes
         "image": jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32, sharding=batch_sharding),
         "label": jax.ShapeDtypeStruct((batch, size, size), jnp.int32, sharding=batch_sharding),
     }
+    if config.data.get("soft_labels", False):
+        batch_spec["label_shares"] = jax.ShapeDtypeStruct(
+            (batch, size, size, num_classes), jnp.float32, sharding=batch_sharding
+        )
     weights_spec = jax.ShapeDtypeStruct((num_classes,), jnp.float32, sharding=sharding.replicated_sharding(mesh))
     return train_fn.lower(abstract_state, batch_spec, weights_spec).compile()
 

@@ -98,3 +98,40 @@ def test_boundary_weight_adds_its_multiple_of_the_largest_class_weight_at_edges(
     expected = -(pixel_weights * true_log_prob).sum() / pixel_weights.sum()
     assert edges.sum() > 0
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_one_hot_shares_give_the_hard_label_loss():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 5, 4)).astype(np.float32) * 3)
+    labels = rng.integers(0, 4, size=(2, 5, 5))
+    weights = jnp.asarray([0.5, 1.0, 2.0, 4.0])
+    shares = jnp.asarray(np.eye(4, dtype=np.float32)[labels])
+    hard, hard_parts = losses.segmentation_loss(logits, jnp.asarray(labels), weights, boundary_weight=1.0)
+    soft, soft_parts = losses.segmentation_loss(logits, jnp.asarray(labels), weights, boundary_weight=1.0, shares=shares)
+    for name in ("cross_entropy", "dice_loss"):
+        np.testing.assert_allclose(float(soft_parts[name]), float(hard_parts[name]), rtol=1e-6)
+
+
+def test_soft_cross_entropy_is_smallest_where_the_prediction_equals_the_shares():
+    # A pixel three quarters liver: hard labels push its liver probability towards 1 (the
+    # label) or 0; the shares' cross entropy has its minimum, zero gradient, at 0.75.
+    shares = jnp.array([[[[0.25, 0.75]]]])
+    labels = jnp.array([[[1]]])
+
+    def loss_at(liver_probability):
+        logits = jnp.log(jnp.array([[[[1 - liver_probability, liver_probability]]]]))
+        return float(losses.weighted_cross_entropy(logits, labels, jnp.ones(2), shares=shares))
+
+    values = {p: loss_at(p) for p in (0.55, 0.65, 0.75, 0.85, 0.95)}
+    assert min(values, key=values.get) == 0.75
+    np.testing.assert_allclose(values[0.75], -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), rtol=1e-6)
+
+
+def test_soft_dice_counts_each_pixel_by_its_share():
+    # Two pixels, each half liver: a prediction of 0.5 liver on both overlaps the target by 0.5,
+    # exactly as the numpy formula with fractional targets says.
+    shares = jnp.array([[[[0.5, 0.5], [0.5, 0.5]]]])
+    logits = jnp.zeros((1, 1, 2, 2))
+    labels = jnp.array([[[1, 0]]])
+    expected = 1 - (2 * 0.5 + 1.0) / (1.0 + 1.0 + 1.0)
+    np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels, shares=shares)), expected, rtol=1e-6)

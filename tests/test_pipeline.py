@@ -168,6 +168,21 @@ def test_dataset_from_cases():
         SliceDataset.from_cases([prepared("a", 3), prepared("b", 2, size=4)])
 
 
+def test_datasets_hold_label_shares_when_asked_and_batches_carry_them():
+    cases = [prepared("a", 3, offset=2.0), prepared("b", 2, offset=3.0)]
+    dataset = SliceDataset.from_cases(cases, share_classes=5)
+    streamed = StreamedSliceDataset(5, 8, share_classes=5)
+    for case in cases:
+        streamed.append_case(case)
+    for built in (dataset, streamed):
+        assert built.label_shares.shape == (5, 8, 8, 5) and built.label_shares.dtype == np.float32
+        np.testing.assert_array_equal(built.label_shares, np.eye(5, dtype=np.float32)[built.labels])
+        batch = next(iterate_batches(built, batch_size=4, epoch=0, seed=0))
+        np.testing.assert_array_equal(batch["label_shares"], np.eye(5, dtype=np.float32)[batch["label"]])
+    assert SliceDataset.from_cases(cases).label_shares is None
+    assert "label_shares" not in next(iterate_batches(SliceDataset.from_cases(cases), batch_size=4, epoch=0, seed=0))
+
+
 def test_context_channels_are_the_neighbouring_slices_repeated_at_the_ends():
     volume = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
     stacked = with_context(volume, 2)
@@ -300,6 +315,25 @@ def test_augmentation_moves_every_context_channel_with_the_labels():
         np.testing.assert_allclose(moved, (channel + 1) * base, atol=1e-5)
     np.testing.assert_array_equal(out["label"], augment_batch(left_object_batch(), [
         np.random.default_rng(seed) for seed in range(6)], modality="MR")["label"])
+
+
+def test_augmentation_moves_label_shares_with_the_labels():
+    batch = left_object_batch()
+    batch["label_shares"] = np.eye(5, dtype=np.float32)[batch["label"]]
+    rngs = lambda: [np.random.default_rng(seed) for seed in range(6)]  # noqa: E731
+    out = augment_batch(batch, rngs(), modality="MR", intensity_set="gin")
+    shares = out["label_shares"]
+    assert shares.shape == (6, 32, 32, 5) and shares.dtype == np.float32
+    assert shares.min() >= 0 and shares.max() <= 1 + 1e-6
+    np.testing.assert_allclose(shares.sum(-1), 1.0, atol=1e-5)
+    # Bilinear shares and nearest labels of one transform: the same organs, the same places.
+    assert np.mean(shares.argmax(-1) == out["label"]) > 0.97
+    for class_id in (2, 3):
+        area = (out["label"] == class_id).sum(axis=(1, 2))
+        np.testing.assert_allclose(shares[..., class_id].sum(axis=(1, 2)), area, rtol=0.15)
+    without = augment_batch(left_object_batch(), rngs(), modality="MR", intensity_set="gin")
+    np.testing.assert_array_equal(out["label"], without["label"])
+    np.testing.assert_array_equal(out["image"], without["image"])
 
 
 def test_augmentation_changes_examples_reproducibly():

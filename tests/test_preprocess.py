@@ -15,6 +15,7 @@ from scse_jax.data.preprocess import (
     normalise,
     prepare_case,
     prepare_cases,
+    label_shares,
     resize_slices,
     resize_labels,
 )
@@ -141,6 +142,26 @@ def test_resized_labels_take_the_largest_share_and_only_existing_classes():
     up = resize_labels(out, (30, 20))
     assert up.shape == (1, 30, 20) and np.mean(up == labels) > 0.95
     assert resize_labels(np.zeros((0, 8, 8), np.uint8), (4, 4)).shape == (0, 4, 4)
+
+
+def test_label_shares_are_each_classes_part_of_the_pixel():
+    # Halving: each output pixel covers 2 x 2 native pixels, so its shares are quarters, they sum
+    # to 1, and where one class holds more than half, it is the class resize_labels picks.
+    rows, cols = np.mgrid[0:64, 0:64]
+    labels = np.zeros((2, 64, 64), np.uint8)
+    labels[:, ((rows - 30.3) ** 2 + (cols - 25.6) ** 2) < 14.2**2] = 1
+    labels[1, 40:53, 37:60] = 3
+    shares = label_shares(labels, (32, 32), 5)
+    assert shares.shape == (2, 32, 32, 5) and shares.dtype == np.float32
+    np.testing.assert_allclose(shares.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(np.unique(shares), [0.0, 0.25, 0.5, 0.75, 1.0])
+    expected = labels.reshape(2, 32, 2, 32, 2)
+    for class_id in range(5):
+        np.testing.assert_allclose(shares[..., class_id], (expected == class_id).mean(axis=(2, 4)))
+    decisive = shares.max(-1) > 0.5
+    np.testing.assert_array_equal(shares.argmax(-1)[decisive], resize_labels(labels, (32, 32))[decisive])
+    with pytest.raises(DataError, match=r"label values must lie in \[0, 3\)"):
+        label_shares(labels, (32, 32), 3)
 
 
 def test_halving_keeps_organ_areas():

@@ -206,10 +206,11 @@ def test_steps_compile_at_llvm_o1_on_the_cpu_unless_optimisations_are_off():
     np.testing.assert_array_equal(doubled, [0.0, 2.0, 4.0])
 
 
-def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
+@pytest.mark.parametrize("overrides", [(), ("--config.data.soft_labels=True",)])
+def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data, overrides):
     from scse_jax.data.run_data import load_run_data, plan_run_data
 
-    config = tiny_config(*tiny_data)
+    config = tiny_config(*tiny_data, *overrides)
     mesh = sharding.make_data_mesh()
     plan = plan_run_data(config)
     data = load_run_data(config)
@@ -243,6 +244,26 @@ def test_train_step_compiled_ahead_serves_the_first_real_batch(tiny_data):
     assert np.isfinite(float(parts["loss"]))
     # a cache miss would compile the step again; counted, not timed, so load cannot fail it
     assert ahead and not set(ahead) & set(first_call), (ahead, first_call)
+
+
+def test_a_run_with_soft_labels_trains_on_the_label_shares(tiny_data, tmp_path, monkeypatch):
+    from scse_jax import losses
+    from scse_jax.data.run_data import load_run_data
+
+    config = tiny_config(*tiny_data, "--config.data.soft_labels=True", "--config.data.image_size=16")
+    shares = load_run_data(config).train.label_shares
+    assert shares.shape[1:] == (16, 16, 5) and np.any((shares > 0) & (shares < 1))  # halved: outlines share pixels
+    targets = []
+    segmentation_loss = losses.segmentation_loss
+
+    def recording(logits, labels, class_weights, *, shares=None, **weights):
+        targets.append(None if shares is None else shares.shape)
+        return segmentation_loss(logits, labels, class_weights, shares=shares, **weights)
+
+    monkeypatch.setattr(losses, "segmentation_loss", recording)
+    train.train_and_evaluate(config, tmp_path / "run")
+    assert (8, 16, 16, 5) in targets  # the train step's loss got the shares
+    assert all(np.isfinite(row["loss"]) for row in read_metrics(tmp_path / "run"))
 
 
 WAIT_S = 600  # a guard against a hang only: an event ends the wait below, however slow the first step

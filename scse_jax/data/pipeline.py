@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from scse_jax.data import intensity
-from scse_jax.data.preprocess import PreparedCase
+from scse_jax.data.preprocess import PreparedCase, label_shares
 from scse_jax.data.types import patient_order
 from scse_jax.errors import ConfigError, DataError
 
@@ -146,10 +146,13 @@ class SliceDataset:
     Attributes:
       images: (N, S, S, C) float32: C = 1, or each slice with its neighbours (`with_context`).
       labels: (N, S, S) int32 class ids.
+      label_shares: (N, S, S, K) float32, each of K classes' share of every pixel
+        (`preprocess.label_shares`), or None: trained on with ``data.soft_labels``.
     """
 
     images: np.ndarray
     labels: np.ndarray
+    label_shares: np.ndarray | None = None
 
     def __post_init__(self):
         shapes_match = self.images.ndim == 4 and self.labels.shape == self.images.shape[:3]
@@ -158,14 +161,21 @@ class SliceDataset:
                 f"images (N, S, S, C), C odd, and labels (N, S, S) must match; got {self.images.shape} "
                 f"and {self.labels.shape}"
             )
+        if self.label_shares is not None and (
+            self.label_shares.ndim != 4 or self.label_shares.shape[:3] != self.labels.shape
+        ):
+            raise DataError(f"label shares {self.label_shares.shape} do not match labels {self.labels.shape}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     @classmethod
-    def from_cases(cls, prepared_cases: Sequence[PreparedCase], *, context: int = 0) -> "SliceDataset":
+    def from_cases(
+        cls, prepared_cases: Sequence[PreparedCase], *, context: int = 0, share_classes: int = 0
+    ) -> "SliceDataset":
         """Stacks the slices of labelled prepared cases (all on the same grid), each with
-        `context` neighbours on either side as channels."""
+        `context` neighbours on either side as channels, and with `share_classes` > 0 the
+        shares of that many classes in every pixel."""
         if not prepared_cases:
             raise DataError("no prepared cases to build a dataset from")
         unlabelled = [c.case_key for c in prepared_cases if c.labels is None]
@@ -176,7 +186,10 @@ class SliceDataset:
             raise DataError(f"prepared cases lie on different grids: {sorted(shapes)}")
         images = np.concatenate([with_context(c.images, context) for c in prepared_cases])
         labels = np.concatenate([c.labels for c in prepared_cases]).astype(np.int32)
-        return cls(images=images, labels=labels)
+        shares = None
+        if share_classes:
+            shares = np.concatenate([_shares_on_grid(c, share_classes) for c in prepared_cases])
+        return cls(images=images, labels=labels, label_shares=shares)
 
     def wait_for_rows(self, stop: int) -> None:
         """Returns once rows [0, stop) hold their data: at once, for a dataset built whole."""
@@ -189,9 +202,11 @@ class StreamedSliceDataset(SliceDataset):
     ones are still being decoded. A producer that fails hands its error to every waiting reader.
     """
 
-    def __init__(self, num_rows: int, size: int, *, context: int = 0):
+    def __init__(self, num_rows: int, size: int, *, context: int = 0, share_classes: int = 0):
         super().__init__(
-            np.zeros((num_rows, size, size, 2 * context + 1), np.float32), np.zeros((num_rows, size, size), np.int32)
+            np.zeros((num_rows, size, size, 2 * context + 1), np.float32),
+            np.zeros((num_rows, size, size), np.int32),
+            np.zeros((num_rows, size, size, share_classes), np.float32) if share_classes else None,
         )
         self.context = context
         self.rows_filled = 0
@@ -210,6 +225,8 @@ class StreamedSliceDataset(SliceDataset):
             )
         self.images[start : start + count] = with_context(prepared.images, self.context)
         self.labels[start : start + count] = prepared.labels
+        if self.label_shares is not None:
+            self.label_shares[start : start + count] = _shares_on_grid(prepared, self.label_shares.shape[-1])
         with self._changed:
             self.rows_filled = start + count
             self._changed.notify_all()
@@ -224,6 +241,10 @@ class StreamedSliceDataset(SliceDataset):
             self._changed.wait_for(lambda: self.rows_filled >= stop or self._error is not None)
             if self.rows_filled < stop:
                 raise DataError(f"the training data could not be prepared: {self._error}") from self._error
+
+
+def _shares_on_grid(prepared: PreparedCase, num_classes: int) -> np.ndarray:
+    return label_shares(prepared.native_labels, prepared.images.shape[1:], num_classes)
 
 
 def streaming_order(case_lengths: Sequence[int], *, buffer_size: int, seed: int) -> np.ndarray:
@@ -288,7 +309,8 @@ def iterate_batches(
     the rows, replaces the shuffle (see `streaming_order`); each batch waits for its rows.
 
     Yields:
-      {"image": (B_local, S, S, 1) float32, "label": (B_local, S, S) int32}.
+      {"image": (B_local, S, S, C) float32, "label": (B_local, S, S) int32}, and
+      "label_shares": (B_local, S, S, K) float32 where the dataset has them.
     """
     if batch_size < 1 or batch_size % process_count:
         raise ConfigError(
@@ -319,6 +341,8 @@ def iterate_batches(
         rows = global_rows[process_index * local_size : (process_index + 1) * local_size]
         dataset.wait_for_rows(int(rows.max()) + 1)
         batch = {"image": dataset.images[rows], "label": dataset.labels[rows]}
+        if dataset.label_shares is not None:
+            batch["label_shares"] = dataset.label_shares[rows]
         if augment is not None:
             batch = augment(batch, [np.random.default_rng((seed, epoch, int(row))) for row in rows])
         yield batch
@@ -346,8 +370,8 @@ def augment_batch(
 ) -> Batch:
     """Random rotation, isotropic scale and shift per example, then intensity augmentation.
 
-    The same geometric transform moves image (bilinear) and labels (nearest); each is a
-    proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
+    The same geometric transform moves image (bilinear), labels (nearest) and label shares
+    where the batch has them (bilinear, so they still sum to 1); each is a proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
     and the kidneys keep their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
     ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
     the jitter, then random-network intensity transforms on half of the examples),
@@ -378,6 +402,8 @@ def augment_batch(
     centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
     moved_images = np.empty(images.shape, np.float32)
     moved_labels = np.empty_like(labels)
+    shares = batch.get("label_shares")
+    moved_shares = None if shares is None else np.empty(shares.shape, np.float32)
 
     def warp(example: int) -> None:
         cos, sin = np.cos(angle[example]) / scale[example], np.sin(angle[example]) / scale[example]
@@ -389,6 +415,11 @@ def augment_batch(
                 output=moved_images[example, ..., channel],
             )
         ndimage.affine_transform(labels[example], matrix, offset, order=0, mode="nearest", output=moved_labels[example])
+        for class_id in range(0 if shares is None else shares.shape[-1]):
+            ndimage.affine_transform(
+                shares[example, ..., class_id], matrix, offset, order=1, mode="nearest",
+                output=moved_shares[example, ..., class_id],
+            )
 
     # scipy.ndimage releases the GIL, so examples warp in parallel; each writes only its own rows.
     list(_warp_pool().map(warp, range(count)))
@@ -407,11 +438,10 @@ def augment_batch(
                 moved_images[i] = intensity.gin(moved_images[i], generators[i])
     if intensity_set == "nnunet":
         moved_images = np.stack([intensity.nnunet(moved_images[i], generators[i]) for i in range(count)])
-    return dict(
-        batch,
-        image=moved_images.astype(np.float32),
-        label=moved_labels,
-    )
+    moved = dict(batch, image=moved_images.astype(np.float32), label=moved_labels)
+    if moved_shares is not None:
+        moved["label_shares"] = moved_shares
+    return moved
 
 
 _END = object()

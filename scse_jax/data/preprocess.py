@@ -6,11 +6,12 @@ Normalisation (see `normalise`):
   MR: per volume, clipped to the `mr_percentiles` (default 0.5th..99.5th) of its voxels, then
       z-scored (zero mean, unit standard deviation over the clipped volume).
 
-Resizing (see `resize_slices`, `resize_labels`, `resize_probabilities`) maps pixel centres
-onto pixel centres: output pixel j of n_out samples the input at (j + 0.5) * n_in / n_out - 0.5,
-bilinearly. Label maps are resized per class on that same grid, so they stay on their images;
-predictions come back to the native grid as bilinearly resized class probabilities.
-Non-square slices are stretched onto the square grid and stretched back the same way.
+Resizing (see `resize_slices`, `resize_labels`, `label_shares`, `resize_probabilities`) maps
+pixel centres onto pixel centres: output pixel j of n_out samples the input at
+(j + 0.5) * n_in / n_out - 0.5, bilinearly. Label maps are resized per class on that same grid,
+so they stay on their images; predictions come back to the native grid as bilinearly resized
+class probabilities. Non-square slices are stretched onto the square grid and stretched back the
+same way.
 
 The cache holds one compressed `.npz` (no pickled objects) per case and settings, named
 `<case key>-<hash>.npz`, where the hash covers the source files (path, size, mtime) and the
@@ -189,6 +190,22 @@ def resize_labels(labels: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
         best_share = np.where(wins, share, best_share)
         best_class[wins] = class_id
     return best_class
+
+
+def label_shares(labels: np.ndarray, rows_cols: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Each class's share of every output pixel: (slices, rows, cols) class ids ->
+    (slices, *rows_cols, num_classes) float32, summing to 1 per pixel.
+
+    The class indicators resized bilinearly on the images' grid, as `resize_labels` resizes them
+    before taking the largest; training on them (``data.soft_labels``) keeps what that choice
+    throws away along every outline.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise DataError(f"expected (slices, rows, cols), got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"label values must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+    return np.stack([_resize((labels == c).astype(np.float32), rows_cols) for c in range(num_classes)], -1)
 
 
 def resize_probabilities(probabilities: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:

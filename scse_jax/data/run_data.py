@@ -144,6 +144,11 @@ def check_training_labels(counts: np.ndarray, class_names: tuple[str, ...], num_
         )
 
 
+def share_classes(plan: RunPlan, config: ml_collections.ConfigDict) -> int:
+    """Classes whose shares of each pixel the training set holds: all with ``data.soft_labels``, else none."""
+    return len(plan.class_names) if config.data.get("soft_labels", False) else 0
+
+
 # The first epoch's shuffle buffer, as a fraction of the training slices: training starts once
 # about this fraction of the training cases is read.
 FIRST_EPOCH_BUFFER_FRACTION = 0.25
@@ -166,7 +171,8 @@ class StreamedRunData:
         self.train_cases = [in_patient_order[i] for i in shuffled]
         self._lengths = [chaos.num_slices(case) for case in self.train_cases]
         self.train = pipeline.StreamedSliceDataset(
-            sum(self._lengths), config.data.image_size, context=config.data.context_slices
+            sum(self._lengths), config.data.image_size, context=config.data.context_slices,
+            share_classes=share_classes(plan, config),
         )
         self._weights: concurrent.futures.Future = concurrent.futures.Future()
         self._result: concurrent.futures.Future = concurrent.futures.Future()
@@ -254,7 +260,9 @@ def prepare_run_data(plan: RunPlan, config: ml_collections.ConfigDict) -> RunDat
     return RunData(
         split=plan.split,
         class_names=plan.class_names,
-        train=pipeline.SliceDataset.from_cases(train_cases, context=config.data.context_slices),
+        train=pipeline.SliceDataset.from_cases(
+            train_cases, context=config.data.context_slices, share_classes=share_classes(plan, config)
+        ),
         val=by_patient(plan.split.val),
         test=by_patient(plan.split.test),
         class_weights=pipeline.weights_from_counts(counts, config.train.class_weighting),
