@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.context_slices = 0  # neighbouring slices on either side fed as extra channels (2.5-D); 0 = 2-D
     data.augment = True  # anatomy-respecting augmentation (no left-right flips)
     # Train on each class's share of every training-grid pixel (the class indicators resized
-    # bilinearly, preprocess.label_shares) instead of the one class resize_labels picks.
+    # bilinearly, preprocess.label_shares) instead of the one class resize_labels picks. Measured,
+    # not adopted by the CPU recipe: docs/results/recipe.md.
     data.soft_labels = False
     # With augment: "jitter" (contrast and brightness jitter), "nnunet" (nnU-Net's noise, blur,
     # brightness, contrast, low-resolution and gamma transforms) or "gin" (the jitter, then random
