@@ -70,7 +70,7 @@ def weighted_cross_entropy(
     """
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     targets = _targets(labels, logits.shape[-1], shares)
-    pixel_weights = targets @ class_weights
+    pixel_weights = jnp.sum(targets * class_weights, axis=-1)  # elementwise: no reduced-precision matmul on GPUs
     if boundary_weight:
         pixel_weights = pixel_weights + boundary_weight * jnp.max(class_weights) * label_boundaries(labels)
     pixel_weights = pixel_weights * _example_weights(labels, example_mask)

@@ -128,10 +128,26 @@ def test_soft_cross_entropy_is_smallest_where_the_prediction_equals_the_shares()
 
 
 def test_soft_dice_counts_each_pixel_by_its_share():
-    # Two pixels, each half liver: a prediction of 0.5 liver on both overlaps the target by 0.5,
-    # exactly as the numpy formula with fractional targets says.
-    shares = jnp.array([[[[0.5, 0.5], [0.5, 0.5]]]])
-    logits = jnp.zeros((1, 1, 2, 2))
+    # Two pixels, 0.9 and 0.1 liver, predicted 0.5 liver each: the overlap is 0.5, the target's
+    # liver 1.0; one-hot labels (liver, background) would give the same totals, so the predicted
+    # side differs: 0.8 and 0.2 liver overlap the shares by 0.74, the labels by 0.8.
+    shares = jnp.array([[[[0.1, 0.9], [0.9, 0.1]]]])
     labels = jnp.array([[[1, 0]]])
-    expected = 1 - (2 * 0.5 + 1.0) / (1.0 + 1.0 + 1.0)
-    np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels, shares=shares)), expected, rtol=1e-6)
+    logits = jnp.log(jnp.array([[[[0.2, 0.8], [0.8, 0.2]]]]))
+    soft = float(losses.soft_dice_loss(logits, labels, shares=shares))
+    np.testing.assert_allclose(soft, 1 - (2 * 0.74 + 1.0) / (1.0 + 1.0 + 1.0), rtol=1e-6)
+    hard = float(losses.soft_dice_loss(logits, labels))
+    np.testing.assert_allclose(hard, 1 - (2 * 0.8 + 1.0) / (1.0 + 1.0 + 1.0), rtol=1e-6)
+
+
+def test_soft_cross_entropy_weighs_each_pixel_by_its_shares_class_weights():
+    # Pixel weights are the share-weighted class weights: 0.25 * 1 + 0.75 * 3 = 2.5 for the
+    # first pixel, 1 for the all-background second.
+    shares = jnp.array([[[[0.25, 0.75], [1.0, 0.0]]]])
+    labels = jnp.array([[[1, 0]]])
+    logits = jnp.log(jnp.array([[[[0.5, 0.5], [0.9, 0.1]]]]))
+    weights = jnp.array([1.0, 3.0])
+    first, second = -np.log(0.5), -np.log(0.9)
+    expected = (2.5 * first + 1.0 * second) / 3.5
+    got = float(losses.weighted_cross_entropy(logits, labels, weights, shares=shares))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -23,7 +23,7 @@ from scse_jax.data.pipeline import (
     streaming_order,
     weights_from_counts,
 )
-from scse_jax.data.preprocess import PreparedCase
+from scse_jax.data.preprocess import PreparedCase, resize_labels
 from scse_jax.data.types import Geometry
 from scse_jax.errors import ConfigError, DataError
 
@@ -180,6 +180,16 @@ def test_datasets_hold_label_shares_when_asked_and_batches_carry_them():
         batch = next(iterate_batches(built, batch_size=4, epoch=0, seed=0))
         np.testing.assert_array_equal(batch["label_shares"], np.eye(5, dtype=np.float32)[batch["label"]])
     assert SliceDataset.from_cases(cases).label_shares is None
+    # The shares come from the native labels: a 16 px organ outline halved onto the 8 px grid.
+    native = np.zeros((1, 16, 16), np.uint8)
+    native[0, 3:11, 5:12] = 2
+    case = PreparedCase(
+        "c", "c", np.zeros((1, 8, 8), np.float32), resize_labels(native, (8, 8)), native,
+        Geometry.from_spacing((1, 1, 1)), (1, 16, 16),
+    )
+    shares = SliceDataset.from_cases([case], share_classes=3).label_shares[0, ..., 2]
+    edge_row = [0.25, 0.5, 0.5, 0.5]  # rows 2-3 and 10-11 of the native grid: half of them organ
+    np.testing.assert_array_equal(shares[1:6, 2:6], [edge_row] + [[0.5, 1, 1, 1]] * 3 + [edge_row])
     assert "label_shares" not in next(iterate_batches(SliceDataset.from_cases(cases), batch_size=4, epoch=0, seed=0))
 
 
@@ -331,6 +341,9 @@ def test_augmentation_moves_label_shares_with_the_labels():
     for class_id in (2, 3):
         area = (out["label"] == class_id).sum(axis=(1, 2))
         np.testing.assert_allclose(shares[..., class_id].sum(axis=(1, 2)), area, rtol=0.15)
+    # Moved bilinearly: outline pixels of the moved organs share between classes.
+    outline = (shares[..., 2] > 0) & (shares[..., 2] < 1)
+    assert outline.any(axis=(1, 2)).all()
     without = augment_batch(left_object_batch(), rngs(), modality="MR", intensity_set="gin")
     np.testing.assert_array_equal(out["label"], without["label"])
     np.testing.assert_array_equal(out["image"], without["image"])

@@ -197,8 +197,8 @@ def label_shares(labels: np.ndarray, rows_cols: tuple[int, int], num_classes: in
     (slices, *rows_cols, num_classes) float32, summing to 1 per pixel.
 
     The class indicators resized bilinearly on the images' grid, as `resize_labels` resizes them
-    before taking the largest; training on them (``data.soft_labels``) keeps what that choice
-    throws away along every outline.
+    before taking the largest: each class's area share of the pixel when shrinking by up to 2x.
+    Training on them (``data.soft_labels``) keeps what that choice throws away along every outline.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
