@@ -371,8 +371,9 @@ def augment_batch(
     """Random rotation, isotropic scale and shift per example, then intensity augmentation.
 
     The same geometric transform moves image (bilinear), labels (nearest) and label shares
-    where the batch has them (bilinear, so they still sum to 1); each is a proper similarity (positive scale, rotation by at most 10 degrees), so left stays left
-    and the kidneys keep their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
+    where the batch has them (bilinear, so they still sum to 1); each is a proper similarity
+    (positive scale, rotation by at most 10 degrees), so left stays left and the kidneys keep
+    their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
     ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
     the jitter, then random-network intensity transforms on half of the examples),
     drawn per example; before it, a share ``organ_signal_loss`` of the examples get a dark
