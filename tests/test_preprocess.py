@@ -189,6 +189,9 @@ def test_bilinear_resize_of_images():
     assert np.all(np.diff(up[0, 0]) >= 0)
 
 
+# prepare_case and the cache ------------------------------------------------------------------
+
+
 def test_prepare_case_shapes_and_types(case):
     prepared = prepare_case(case, SETTINGS, load=CountingLoader())
     assert isinstance(prepared, PreparedCase)

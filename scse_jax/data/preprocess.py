@@ -175,14 +175,13 @@ def resize_labels(labels: np.ndarray, rows_cols: tuple[int, int]) -> np.ndarray:
     one side would grow or shrink every organ on the grid by a few per cent.
     """
     labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise DataError(f"expected (slices, rows, cols), got shape {labels.shape}")
-    rows, cols = (int(v) for v in rows_cols)
+    shares = label_shares(labels, rows_cols, int(labels.max(initial=0)) + 1)
+    rows, cols = shares.shape[1:3]
     best_class = np.zeros((labels.shape[0], rows, cols), labels.dtype)
     checkerboard = (np.add.outer(np.arange(rows), np.arange(cols)) % 2 == 0)[None]
     best_share = None
     for class_id in np.unique(labels):  # ascending: a later class is the higher one
-        share = _resize((labels == class_id).astype(np.float32), (rows, cols))
+        share = shares[..., class_id]
         if best_share is None:
             best_share, best_class[:] = share, class_id
             continue
