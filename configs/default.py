@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Keep each organ's largest 3-D connected component in native-grid results (validation,
     # evaluate --checkpoint, predict, Segmenter); False scores the network's raw output.
     ev.largest_component = False
+    # The checkpoint that evaluate --checkpoint, predict, experiment and Segmenter use unless told
+    # otherwise: "best" (highest validation Dice, as the report) or "latest" (the end of the
+    # schedule; the CPU recipes', docs/results/recipe.md).
+    ev.checkpoint = "best"
 
     config.distributed = dist = ml_collections.ConfigDict()
     dist.coordinator_address = ""  # host:port of process 0; "" = single host or cluster auto-detect

@@ -7,8 +7,9 @@ It differs from the report's recipe (configs/mr_scse.py) where held-out patients
 weights, which made every organ too large; more, smaller Adam steps at a lower rate (28
 epochs, halved every 7: the 24-and-6 schedule stretched); 128 px; each organ's largest
 connected component kept; GIN intensity augmentation, which held the mean Dice of held-out
-patients and lifted the weakest ones (docs/results/intensity_augmentation.md). The plain
-U-Net twin is configs/mr_unet_cpu.py.
+patients and lifted the weakest ones (docs/results/intensity_augmentation.md); the latest
+checkpoint used, not the best by one validation patient's Dice. The plain U-Net twin is
+configs/mr_unet_cpu.py.
 """
 
 from configs import mr_scse
@@ -23,5 +24,6 @@ def get_config():
     config.train.decay_epochs = 7
     config.train.class_weighting = "none"
     config.eval.largest_component = True
+    config.eval.checkpoint = "latest"
     config.data.intensity_augmentation = "gin"
     return config

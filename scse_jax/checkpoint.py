@@ -24,6 +24,8 @@ STATE = "state"
 META = "meta"
 BEST_METRIC = "val_dice"
 STATE_DIGESTS = "state_digests"
+# What a run's users restore unless told otherwise (eval.checkpoint).
+CHOICES = ("best", "latest")
 
 
 def checkpoint_dir(workdir_or_checkpoint_dir: str | Path) -> Path:
@@ -83,6 +85,30 @@ class Checkpoints:
         scored = [(meta.get(BEST_METRIC), step) for step in self.steps() for meta in [self.restore_meta(step)]]
         scored = [(score, step) for score, step in scored if score is not None]
         return max(scored)[1] if scored else None
+
+    def chosen_step(self, which: str | None) -> int:
+        """The step of "best", "latest" or a step number; None: the run's own ``eval.checkpoint``
+        (read from the latest checkpoint's config; "best" for runs from before that field)."""
+        if which is None:
+            latest = self.latest_step()
+            if latest is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+            which = self.restore_meta(latest)["config"].get("eval", {}).get("checkpoint", "best")
+        if which not in CHOICES and not str(which).isdigit():
+            raise CheckpointError(f"checkpoint {which!r}: expected {', '.join(CHOICES)} or a step number")
+        if which == "latest":
+            step = self.latest_step()
+        elif which == "best":
+            step = self.best_step()
+        else:
+            step = int(which)
+            if step not in self.steps():
+                raise CheckpointError(f"no checkpoint {step} in {self.directory}; there are {self.steps()}")
+        if step is None:
+            unscored = which == "best" and bool(self.steps())
+            hint = '; none has a validation score (which="latest" works)' if unscored else ""
+            raise CheckpointError(f"no {which} checkpoint in {self.directory}{hint}")
+        return step
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves and waits until the checkpoint is complete on disk; every process must call it."""

@@ -163,9 +163,10 @@ def dice_table(summary: Mapping[str, Any]) -> str:
 
 
 def score_checkpoint(
-    path: Path | str, *, split: str = "test", which: str = "best", largest_component: bool | None = None
+    path: Path | str, *, split: str = "test", which: str | None = None, largest_component: bool | None = None
 ):
-    """Scores a run's checkpoint on the patients of one split of its own config.
+    """Scores a run's checkpoint (``which``: best, latest, a step, or None: the run's
+    eval.checkpoint) on the patients of one split of its own config.
 
     Returns (rows, predictions by case key, the prepared cases, the segmenter).
     """
@@ -175,11 +176,11 @@ def score_checkpoint(
 
 
 def score_checkpoint_postprocessings(
-    path: Path | str, choices: Mapping[str, bool], *, split: str = "test", which: str = "best"
-) -> dict[str, list[dict]]:
+    path: Path | str, choices: Mapping[str, bool], *, split: str = "test", which: str | None = None
+) -> tuple[dict[str, list[dict]], int]:
     """Scores a run's checkpoint once per post-processing choice ({name: largest_component}),
     from one restore and one prediction per case: each choice post-processes the same
-    native-grid prediction. Returns the rows per choice."""
+    native-grid prediction. Returns the rows per choice and the checkpoint's step."""
     segmenter, cases = _checkpoint_and_split(path, split, which, largest_component=False)
     num_classes = len(segmenter.class_names)
     rows: dict[str, list[dict]] = {name: [] for name in choices}
@@ -188,10 +189,10 @@ def score_checkpoint_postprocessings(
         for name, largest_component in choices.items():
             labels = postprocessed(native, num_classes=num_classes, largest_component=largest_component)
             rows[name] += score_prediction(labels, case, segmenter.class_names)
-    return rows
+    return rows, segmenter.step
 
 
-def _checkpoint_and_split(path: Path | str, split: str, which: str, largest_component: bool | None):
+def _checkpoint_and_split(path: Path | str, split: str, which: str | None, largest_component: bool | None):
     """(the segmenter of a run's checkpoint, the prepared cases of one split of its config);
     compiled predictions are kept in the compile cache beside those cases."""
     from scse_jax import compilation
@@ -245,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--checkpoint", type=Path, help="a run's workdir: score its model on --split")
     parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--which", default="best", help="best, latest or a step number")
+    parser.add_argument(
+        "--which", help="best, latest or a step number (default: the run's eval.checkpoint, best unless it says latest)"
+    )
     parser.add_argument("--csv", type=Path, help="with --checkpoint: also write the rows as CSV")
     add_largest_component_flag(parser)
     args = parser.parse_args(argv)

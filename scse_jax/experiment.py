@@ -7,7 +7,9 @@ Each (config, seed, fold) run lives in ``<out>/<config name>/seed<s>/fold<k>`` a
 resumable: a study started again with the same command skips finished runs (those with
 ``test_scores.csv``, written only after training ended and the test patients were scored) and
 resumes the unfinished one from its checkpoint; a run stopped by SIGTERM/Ctrl-C is not scored.
-Test patients are scored with and without keeping each organ's largest connected component.
+Test patients are scored from each config's ``eval.checkpoint`` (best or latest), with and
+without keeping each organ's largest connected component; ``--rescore`` scores finished runs
+again after that choice changed (with ``--report-only``, training nothing).
 At the end it writes ``results.md`` (mean +- std over held-out patients and seeds per organ,
 per-seed means, post-processing on/off, minutes per run, a paired test of each config against
 the one before it), ``results.csv`` (every patient, organ,
@@ -38,6 +40,7 @@ from scse_jax.errors import ConfigError, RunStopped, ScseError
 # Written by run_fold beside test_scores.csv: seconds of training and scoring, and whether the
 # run started without a saved step (a resumed run's seconds are only its last part).
 RUN_TIME = "run_time.json"
+SCORES = "test_scores.csv"  # a finished run's test patients' scores; its presence marks it finished
 SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
 
 
@@ -45,27 +48,50 @@ SUMMARY_METRICS = ("dice", "jaccard", "ravd", "assd", "mssd", "volume_ratio")
 POSTPROCESSING = {"none": False, "largest_component": True}
 
 
-def run_fold(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
-    """Trains (or resumes) one run and scores its best checkpoint on the held-out patients,
-    once per POSTPROCESSING choice (column "postprocess"), from one prediction per patient.
+def run_fold(config: ml_collections.ConfigDict, workdir: Path, *, rescore: bool = False) -> list[dict]:
+    """Trains (or resumes) one run and scores its ``eval.checkpoint`` (best or latest) on the
+    held-out patients, once per POSTPROCESSING choice (column "postprocess"), from one
+    prediction per patient; the rows name the checkpoint ("checkpoint", "step").
 
-    A run stopped by SIGTERM/SIGINT raises RunStopped from training and is never scored, so
-    the next call resumes it.
+    A finished run's scores are read back, or with ``rescore`` scored again where they are not
+    of the config's checkpoint choice; the earlier file is kept beside them as
+    ``test_scores.replaced-<UTC time>.csv``. A run stopped by SIGTERM/SIGINT raises RunStopped
+    from training and is never scored, so the next call resumes it.
     """
-    scores_path = workdir / "test_scores.csv"
+    scores_path = workdir / SCORES
+    which = config.eval.checkpoint
     if scores_path.exists():
         with scores_path.open() as stream:
-            return [_typed_row(row) for row in csv.DictReader(stream)]
+            rows = [_typed_row(row) for row in csv.DictReader(stream)]
+        if not rescore or all(row.get("checkpoint") == which for row in rows):
+            return rows
+        print(f"{workdir}: scoring the {which} checkpoint again", flush=True)
+        return _score_fold(workdir, which, replaced=scores_path.read_text())
     started_fresh = not checkpoint.has_saved_step(workdir)
     start = time.perf_counter()
     train.train_and_evaluate(config, workdir)
     trained = time.perf_counter()
-    scored = evaluate.score_checkpoint_postprocessings(workdir, POSTPROCESSING, split="test", which="best")
-    rows = [{**row, "postprocess": name} for name, of_choice in scored.items() for row in of_choice]
+    rows = _score_fold(workdir, which)
     files.write_text(workdir / RUN_TIME, json.dumps({
         "train_s": trained - start, "score_s": time.perf_counter() - trained, "started_fresh": started_fresh,
     }) + "\n")
-    tables.write_csv(rows, scores_path)
+    return rows
+
+
+def _score_fold(workdir: Path, which: str, *, replaced: str | None = None) -> list[dict]:
+    """Scores a trained run's test patients and writes SCORES, keeping ``replaced`` (the
+    earlier file's text) under a name of its own first."""
+    scored, step = evaluate.score_checkpoint_postprocessings(workdir, POSTPROCESSING, split="test", which=which)
+    rows = [
+        {**row, "postprocess": name, "checkpoint": which, "step": step}
+        for name, of_choice in scored.items()
+        for row in of_choice
+    ]
+    if replaced is not None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        with (workdir / f"test_scores.replaced-{stamp}.csv").open("x") as stream:
+            stream.write(replaced)
+    tables.write_csv(rows, workdir / SCORES)
     return rows
 
 
@@ -84,7 +110,8 @@ def run_minutes(workdirs: list[Path]) -> str:
 
 
 def _typed_row(row: dict) -> dict:
-    return {key: (value if key in ("patient", "organ", "postprocess") else float(value)) for key, value in row.items()}
+    text = ("patient", "organ", "postprocess", "checkpoint")
+    return {key: value if key in text else int(value) if key == "step" else float(value) for key, value in row.items()}
 
 
 def mean_std(values) -> str:
@@ -194,11 +221,16 @@ def plot_study_curves(out: Path, names: list[str], seeds: list[int], folds: int)
     return plots.save_figure(fig, out / "loss_curves.png")
 
 
-def save_comparison_overlays(out: Path, names: list[str], seed: int, fold: int, count: int = 3) -> list[Path]:
-    """image | each model | ground truth for held-out patients of one fold."""
+def save_comparison_overlays(
+    out: Path, configs: dict[str, ml_collections.ConfigDict], seed: int, fold: int, count: int = 3
+) -> list[Path]:
+    """image | each model (its eval.checkpoint) | ground truth for held-out patients of one fold."""
+    names = list(configs)
     predictions, cases = {}, None
     for name in names:
-        _, by_case, fold_cases, _ = evaluate.score_checkpoint(run_dir(out, name, seed, fold), split="test")
+        _, by_case, fold_cases, _ = evaluate.score_checkpoint(
+            run_dir(out, name, seed, fold), split="test", which=configs[name].eval.checkpoint
+        )
         predictions[name] = by_case
         cases = fold_cases
     paths = []
@@ -242,11 +274,13 @@ def run_study(
     seeds: list[int],
     overrides: list[str],
     report_only: bool = False,
+    rescore: bool = False,
 ) -> str:
     """Trains every (seed, fold, config) run not yet finished, then writes the report.
 
     With ``report_only`` nothing is trained: the report covers the finished runs and says so
-    when some are missing ("partial").
+    when some are missing ("partial"). With ``rescore`` finished runs scored from another
+    checkpoint than their config's eval.checkpoint are scored again (`run_fold`).
     """
     configs = load_study_configs(config_paths, overrides, folds)
     names = list(configs)
@@ -257,14 +291,14 @@ def run_study(
         for fold in range(folds):
             for name in names:
                 workdir = run_dir(out, name, seed, fold)
-                if report_only and not (workdir / "test_scores.csv").exists():
+                if report_only and not (workdir / SCORES).exists():
                     missing.append(f"{name} seed {seed} fold {fold}")
                     continue
                 config = ml_collections.ConfigDict(configs[name].to_dict())
                 config.data.fold = fold
                 config.train.seed = seed
                 print(f"== {name}, seed {seed}, fold {fold + 1}/{folds} ==", flush=True)
-                rows = run_fold(config, workdir)
+                rows = run_fold(config, workdir, rescore=rescore)
                 rows_by_model[name] += [{**row, "seed": seed, "fold": fold} for row in rows]
 
     all_rows = [{"model": name, **row} for name, rows in rows_by_model.items() for row in rows]
@@ -288,9 +322,10 @@ def run_study(
                    f"({'; '.join(missing)}).", ""]
     report += [
         f"{folds} folds x seeds {', '.join(map(str, seeds))}; each patient is scored once per seed, by the "
-        "fold that held it out (best checkpoint by validation Dice). Metrics at native resolution, CHAOS "
-        "definitions; mean ± std over (patient, seed) pairs. Post-processing: "
-        + ", ".join(f"{name} {_postprocess_name(configs[name])}" for name in names) + ".",
+        "fold that held it out. Checkpoint scored: "
+        + ", ".join(f"{name} {_checkpoint_description(rows)}" for name, rows in rows_by_model.items())
+        + ". Metrics at native resolution, CHAOS definitions; mean ± std over (patient, seed) pairs. "
+        "Post-processing: " + ", ".join(f"{name} {_postprocess_name(configs[name])}" for name in names) + ".",
         "",
         results_markdown(chosen, organs),
         "",
@@ -310,7 +345,7 @@ def run_study(
                for name in names]
     report += paired_comparison_lines(chosen)
     overlay_runs = [run_dir(out, name, seeds[0], 0) for name in names]
-    overlays_ready = all((w / "test_scores.csv").exists() and checkpoint.has_saved_step(w) for w in overlay_runs)
+    overlays_ready = all((w / SCORES).exists() and checkpoint.has_saved_step(w) for w in overlay_runs)
     report += ["", f"Overlays (`overlays/`): held-out patients of seed {seeds[0]}, fold 0, "
                + ("image | each model | ground truth." if overlays_ready
                   else "not drawn: those runs are unfinished or their checkpoints are absent.")]
@@ -318,8 +353,14 @@ def run_study(
     files.write_text(out / "results.md", text)
     plot_study_curves(out, names, seeds, folds)
     if overlays_ready:
-        save_comparison_overlays(out, names, seeds[0], 0)
+        save_comparison_overlays(out, configs, seeds[0], 0)
     return text
+
+
+def _checkpoint_description(rows: list[dict]) -> str:
+    """How a model's runs were scored: "latest", "best (by validation Dice)", or a mix."""
+    choices = sorted({row.get("checkpoint") or "best" for row in rows})
+    return " and ".join("best (by validation Dice)" if choice == "best" else choice for choice in choices)
 
 
 def _postprocess_name(config: ml_collections.ConfigDict) -> str:
@@ -344,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument(
+        "--rescore", action="store_true",
+        help="score finished runs again where their scores are not of the config's eval.checkpoint (best or "
+        "latest); the earlier scores are kept beside them; with --report-only nothing is trained",
+    )
+    parser.add_argument(
         "--cpu-devices", default=cpu_layout.AUTO,
         help="JAX devices on the CPU: auto (one per physical core, as many as divide the batches) or a count, "
         "as launch.py --cpu_devices",
@@ -361,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             raise ConfigError(f"--out {args.out}: cannot create the study folder ({error.strerror or error})") from error
         print(run_study(
-            args.config, args.out, folds=args.folds, seeds=seeds, overrides=overrides, report_only=args.report_only
+            args.config, args.out, folds=args.folds, seeds=seeds, overrides=overrides,
+            report_only=args.report_only, rescore=args.rescore,
         ))
     except RunStopped as stopped:
         print(f"{stopped}; the same experiment command resumes the study", file=sys.stderr)

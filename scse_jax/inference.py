@@ -1,7 +1,7 @@
 """Trained models for notebooks and scripts: one import, one call, one compiled function.
 
     from scse_jax.inference import Segmenter
-    segmenter = Segmenter.from_checkpoint("runs/mr_scse_cpu")     # latest; which="best" for the best
+    segmenter = Segmenter.from_checkpoint("runs/mr_scse_cpu")     # the run's eval.checkpoint; or which="best"
     labels = segmenter.segment_series("MR/1/T2SPIR/DICOM_anon")  # (slices, rows, cols) class ids
 
 Prediction goes through `prediction.Predictor`, the same path as validation during training.
@@ -74,7 +74,7 @@ class Segmenter:
         cls,
         path: str | Path,
         *,
-        which: str = "latest",
+        which: str | None = None,
         batch_size: int | None = None,
         largest_component: bool | None = None,
     ) -> "Segmenter":
@@ -82,27 +82,17 @@ class Segmenter:
 
         Args:
           path: a workdir (holding ``checkpoints/``) or the checkpoint folder itself.
-          which: "latest", "best" (highest validation Dice) or a step number.
+          which: "latest", "best" (highest validation Dice), a step number, or None: the run's
+            ``eval.checkpoint``.
         """
-        if which not in ("latest", "best") and not str(which).isdigit():
+        if which is not None and which not in checkpoint.CHOICES and not str(which).isdigit():
             raise ConfigError(f"checkpoint {which!r}: expected latest, best or a step number (which=, --which)")
         # Opening the checkpoints starts JAX, after which the layout cannot change.
         cpu_layout.set_up(cpu_layout.AUTO, [batch_size] if batch_size else [])
         directory = checkpoint.checkpoint_dir(path)
         ckpts = checkpoint.Checkpoints(directory, read_only=True)
         try:
-            if which == "latest":
-                step = ckpts.latest_step()
-            elif which == "best":
-                step = ckpts.best_step()
-            else:
-                step = int(which)
-                if step not in ckpts.steps():
-                    raise CheckpointError(f"no checkpoint {step} in {directory}; there are {ckpts.steps()}")
-            if step is None:
-                unscored = which == "best" and bool(ckpts.steps())
-                hint = '; none has a validation score (which="latest" works)' if unscored else ""
-                raise CheckpointError(f"no {which} checkpoint in {directory}{hint}")
+            step = ckpts.chosen_step(which)
             meta = ckpts.restore_meta(step)
             if "config" not in meta or "class_names" not in meta:
                 raise CheckpointError(f"{directory / str(step)} is not a scse_jax checkpoint (no config in it)")

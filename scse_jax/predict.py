@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--format", choices=("png", "nifti"), default="png")
     parser.add_argument(
-        "--which", default="best",
-        help="best (highest validation Dice: the one `evaluate --checkpoint` scores by default), latest, or a step number",
+        "--which",
+        help="best (highest validation Dice), latest, or a step number (default: the run's eval.checkpoint, "
+        "as `evaluate --checkpoint` scores)",
     )
     parser.add_argument("--tta", action="store_true", help="average over small shifts (test-time augmentation)")
     parser.add_argument("--force", action="store_true", help="overwrite existing results")

@@ -286,6 +286,11 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     need(config.checkpoint.every_epochs > 0, "checkpoint.every_epochs", "must be > 0")
     need(config.eval.every_epochs > 0, "eval.every_epochs", f"must be > 0, got {config.eval.every_epochs}")
     need(config.checkpoint.keep_latest > 0, "checkpoint.keep_latest", "must be > 0")
+    need(
+        config.eval.checkpoint in checkpoint.CHOICES,
+        "eval.checkpoint",
+        f"{config.eval.checkpoint!r} is not {'|'.join(checkpoint.CHOICES)}",
+    )
     if config.data.root:
         need(Path(config.data.root).expanduser().exists(), "data.root", f"{config.data.root} does not exist")
 

@@ -81,8 +81,56 @@ def test_run_fold_scores_both_postprocessings_from_one_restore_and_one_predictio
 
     for name, largest_component in experiment.POSTPROCESSING.items():  # as scored one choice at a time
         expected, _, _, _ = evaluate.score_checkpoint(workdir, largest_component=largest_component)
-        scored = [{k: v for k, v in row.items() if k != "postprocess"} for row in rows if row["postprocess"] == name]
+        scored = [
+            {k: v for k, v in row.items() if k not in ("postprocess", "checkpoint", "step")}
+            for row in rows if row["postprocess"] == name
+        ]  # fmt: skip
         assert scored == expected
+    assert {(row["checkpoint"], row["step"]) for row in rows} == {("best", restored_step(workdir, "best"))}
+
+
+def restored_step(workdir, which):
+    from scse_jax.checkpoint import Checkpoints, checkpoint_dir
+
+    ckpts = Checkpoints(checkpoint_dir(workdir), read_only=True)
+    try:
+        return ckpts.chosen_step(which)
+    finally:
+        ckpts.close()
+
+
+def test_rescore_scores_finished_runs_of_another_checkpoint_again_and_keeps_the_earlier_scores(
+    tmp_path, study_settings, fake_training, monkeypatch
+):
+    from scse_jax import evaluate
+
+    experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=study_settings)
+    fake_training.clear()
+    runs = [tmp_path / "mr_unet" / "seed0" / f"fold{fold}" for fold in range(2)]
+    before = [(run / "test_scores.csv").read_text() for run in runs]
+    assert all(",best," in text for text in before)
+
+    latest = [*study_settings, "--config.eval.checkpoint=latest"]
+    experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=latest)  # no --rescore: read back
+    assert [(run / "test_scores.csv").read_text() for run in runs] == before
+
+    asked = []
+    score = evaluate.score_checkpoint_postprocessings
+    monkeypatch.setattr(evaluate, "score_checkpoint_postprocessings", lambda *a, **k: asked.append(k["which"]) or score(*a, **k))
+    text = experiment.run_study(
+        CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=latest, report_only=True, rescore=True
+    )
+    assert fake_training == [] and asked == ["latest", "latest"]
+    for run, earlier in zip(runs, before):
+        assert [kept.read_text() for kept in run.glob("test_scores.replaced-*.csv")] == [earlier]
+        with (run / "test_scores.csv").open() as stream:
+            rows = list(csv.DictReader(stream))
+        assert {(row["checkpoint"], int(row["step"])) for row in rows} == {("latest", restored_step(run, "latest"))}
+    assert "Checkpoint scored: mr_unet latest." in text
+
+    experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=latest, report_only=True, rescore=True)
+    assert asked == ["latest", "latest"]  # already of that checkpoint: not scored again
+    assert all(len(list(run.glob("test_scores.replaced-*.csv"))) == 1 for run in runs)
 
 
 def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study_settings, fake_training):

@@ -16,7 +16,7 @@ from tests.conftest import PROJECT_ROOT
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_trained_run):
-    return Segmenter.from_checkpoint(tiny_trained_run[0])
+    return Segmenter.from_checkpoint(tiny_trained_run[0], which="latest")
 
 
 def test_restores_config_classes_and_step(segmenter, tiny_trained_run):
@@ -42,6 +42,9 @@ def test_best_without_a_validation_score_points_to_latest(tiny_trained_run, monk
     monkeypatch.setattr(checkpoint.Checkpoints, "best_step", lambda self: None)  # as after runs without validation
     with pytest.raises(CheckpointError, match='no best checkpoint in .*; none has a validation score [(]which="latest" works'):
         Segmenter.from_checkpoint(tiny_trained_run[0], which="best")
+    with pytest.raises(CheckpointError, match="no best checkpoint"):  # the run's own eval.checkpoint
+        Segmenter.from_checkpoint(tiny_trained_run[0])
+    assert Segmenter.from_checkpoint(tiny_trained_run[0], which="latest").step > 0
 
 
 def _layout_notes_around_a_segmenter(run_dir, requested: str | None) -> tuple[str, str]:

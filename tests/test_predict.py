@@ -123,7 +123,7 @@ def test_the_command_keeps_compiled_prediction_in_the_runs_compile_cache(tiny_tr
     assert calls[0] == ("cache", str(tiny_data[1])) and calls[1:] == [("predict",)]
 
 
-def test_the_exported_model_is_the_best_checkpoint_as_evaluate_scores_by_default(
+def test_the_exported_model_is_the_run_s_eval_checkpoint_as_evaluate_scores_by_default(
     tiny_trained_run, tiny_data, tmp_path, monkeypatch
 ):
     from scse_jax import evaluate
@@ -131,10 +131,15 @@ def test_the_exported_model_is_the_best_checkpoint_as_evaluate_scores_by_default
 
     chosen = []
     restore = Segmenter.from_checkpoint.__func__
-    monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(
-        lambda cls, path, **kwargs: chosen.append(kwargs["which"]) or restore(cls, path, **kwargs)
-    ))
+
+    def recorded(cls, path, **kwargs):
+        segmenter = restore(cls, path, **kwargs)
+        chosen.append((kwargs["which"], segmenter.step))
+        return segmenter
+
+    monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(recorded))
     args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(tiny_data[0]), "--output", str(tmp_path / "out")]
     assert predict.main(args) == 0
     assert evaluate.main(["--checkpoint", str(tiny_trained_run[0])]) == 0
-    assert chosen == ["best", "best"]
+    best = restore(Segmenter, tiny_trained_run[0], which="best").step  # the run's eval.checkpoint
+    assert chosen == [(None, best), (None, best)]

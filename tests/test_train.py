@@ -425,6 +425,14 @@ def test_images_per_second_after_a_mid_epoch_resume_counts_only_the_steps_run_si
     assert train._train_record(run, step, running, images_per_s)["images_per_s"] == pytest.approx(8.0)
 
 
+def test_an_unknown_eval_checkpoint_is_refused():
+    config = default.get_config()
+    config.train.batch_size = config.eval.batch_size = 8
+    config.eval.checkpoint = "middle"
+    with pytest.raises(ConfigError, match="eval.checkpoint: 'middle' is not best[|]latest"):
+        train.validate_config(config, device_count=8)
+
+
 def test_allowed_model_values_are_the_models_own():
     from scse_jax.models.se import AGGREGATIONS
     from scse_jax.models.unet import SE_POSITIONS, UPSAMPLINGS
