@@ -95,7 +95,7 @@ class Checkpoints:
                 raise CheckpointError(f"no checkpoint in {self.directory}")
             which = self.restore_meta(latest)["config"].get("eval", {}).get("checkpoint", "best")
         if which not in CHOICES and not str(which).isdigit():
-            raise CheckpointError(f"checkpoint {which!r}: expected {', '.join(CHOICES)} or a step number")
+            raise CheckpointError(f"checkpoint {which!r}: expected latest, best or a step number")
         if which == "latest":
             step = self.latest_step()
         elif which == "best":

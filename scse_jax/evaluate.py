@@ -230,7 +230,7 @@ def _score_checkpoint_command(args) -> int:
     rows, _, _, segmenter = score_checkpoint(
         args.checkpoint, split=args.split, which=args.which, largest_component=args.largest_component
     )
-    print(f"{args.split} patients, checkpoint step {segmenter.step} of {args.checkpoint}:")
+    print(f"{args.split} patients, checkpoint {segmenter.chosen} of {args.checkpoint}:")
     print(results_table(rows))
     if args.csv:
         write_csv(rows, args.csv)

@@ -62,9 +62,15 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, *, rescore: bool 
     which = config.eval.checkpoint
     if scores_path.exists():
         with scores_path.open() as stream:
-            rows = [_typed_row(row) for row in csv.DictReader(stream)]
-        if not rescore or all(row.get("checkpoint") == which for row in rows):
+            # Scores from before the "checkpoint" column are of the best checkpoint.
+            rows = [{"checkpoint": "best", **_typed_row(row)} for row in csv.DictReader(stream)]
+        if not rescore or all(row["checkpoint"] == which for row in rows):
             return rows
+        if not checkpoint.has_saved_step(workdir):
+            raise ConfigError(
+                f"{workdir}: its scores are not of the {which} checkpoint and cannot be scored again: its "
+                "checkpoints are not there (--rescore needs the runs' checkpoints and the data)"
+            )
         print(f"{workdir}: scoring the {which} checkpoint again", flush=True)
         return _score_fold(workdir, which, replaced=scores_path.read_text())
     started_fresh = not checkpoint.has_saved_step(workdir)
@@ -221,15 +227,14 @@ def plot_study_curves(out: Path, names: list[str], seeds: list[int], folds: int)
     return plots.save_figure(fig, out / "loss_curves.png")
 
 
-def save_comparison_overlays(
-    out: Path, configs: dict[str, ml_collections.ConfigDict], seed: int, fold: int, count: int = 3
-) -> list[Path]:
-    """image | each model (its eval.checkpoint) | ground truth for held-out patients of one fold."""
-    names = list(configs)
+def save_comparison_overlays(out: Path, checkpoints: dict[str, str], seed: int, fold: int, count: int = 3) -> list[Path]:
+    """image | each model (from the checkpoint its scores came from, ``checkpoints[name]``) |
+    ground truth for held-out patients of one fold."""
+    names = list(checkpoints)
     predictions, cases = {}, None
     for name in names:
         _, by_case, fold_cases, _ = evaluate.score_checkpoint(
-            run_dir(out, name, seed, fold), split="test", which=configs[name].eval.checkpoint
+            run_dir(out, name, seed, fold), split="test", which=checkpoints[name]
         )
         predictions[name] = by_case
         cases = fold_cases
@@ -353,14 +358,26 @@ def run_study(
     files.write_text(out / "results.md", text)
     plot_study_curves(out, names, seeds, folds)
     if overlays_ready:
-        save_comparison_overlays(out, configs, seeds[0], 0)
+        overlay_checkpoints = {
+            name: next(r["checkpoint"] for r in rows if r["seed"] == seeds[0] and r["fold"] == 0)
+            for name, rows in rows_by_model.items()
+        }
+        save_comparison_overlays(out, overlay_checkpoints, seeds[0], 0)
     return text
 
 
 def _checkpoint_description(rows: list[dict]) -> str:
-    """How a model's runs were scored: "latest", "best (by validation Dice)", or a mix."""
-    choices = sorted({row.get("checkpoint") or "best" for row in rows})
-    return " and ".join("best (by validation Dice)" if choice == "best" else choice for choice in choices)
+    """How a model's runs were scored: "latest", "best (by validation Dice)", or a mix, counted."""
+    runs: dict[str, set] = {}
+    for row in rows:
+        runs.setdefault(row["checkpoint"], set()).add((row["seed"], row["fold"]))
+    if not runs:
+        return "no finished run"
+    named = {choice: "best (by validation Dice)" if choice == "best" else choice for choice in runs}
+    if len(runs) == 1:
+        return next(iter(named.values()))
+    mix = " and ".join(f"{named[choice]} in {len(keys)} runs" for choice, keys in sorted(runs.items()))
+    return f"MIXED, {mix} (--rescore scores them all from the config's eval.checkpoint)"
 
 
 def _postprocess_name(config: ml_collections.ConfigDict) -> str:

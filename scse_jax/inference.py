@@ -52,6 +52,7 @@ class Segmenter:
         )
         self.class_names = tuple(class_names)
         self.step = step
+        self.chosen = f"step {step}"  # how the checkpoint was chosen (from_checkpoint says)
         self.settings = preprocess.PreprocessSettings(image_size=config.data.image_size)
         batch_size = batch_size or config.eval.batch_size
         mesh = sharding.make_data_mesh(cpu_layout.devices_for_batch(batch_size))
@@ -101,9 +102,12 @@ class Segmenter:
             state = _restore_state(ckpts, step, meta, config, len(class_names))
         finally:
             ckpts.close()
-        return cls(
+        segmenter = cls(
             config, state.variables(), class_names, batch_size=batch_size, step=step, largest_component=largest_component
         )
+        run_choice = config.eval.get("checkpoint", "best")
+        segmenter.chosen = f"step {step}, " + (f"which={which}" if which is not None else f"the run's eval.checkpoint: {run_choice}")
+        return segmenter
 
     def segment(self, images: np.ndarray, *, probabilities: bool = False, tta: bool = False) -> np.ndarray:
         """Segments preprocessed slices on the training grid.

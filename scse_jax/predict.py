@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     cpu_layout.set_up(args.cpu_devices)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, which=args.which, largest_component=args.largest_component)
     compilation.use_compilation_cache(config_on_this_machine(segmenter.config).data)
+    print(f"checkpoint {segmenter.chosen} of {args.checkpoint}", flush=True)
     jobs = _jobs(input_path, output, segmenter.config.data.modality, tuple(segmenter.config.data.sequences))
     for _, files, folder in jobs:
         _check_replaceable(folder, nifti=args.format == "nifti", force=args.force)

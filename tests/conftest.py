@@ -86,3 +86,36 @@ def tiny_trained_run(tiny_data, tmp_path_factory):
     with contextlib.redirect_stdout(buffer):
         summary = train.train_and_evaluate(tiny_config(*tiny_data), workdir)
     return workdir, buffer.getvalue(), summary
+
+
+@pytest.fixture(scope="session")
+def two_checkpoint_run(tiny_trained_run, tmp_path_factory):
+    """tiny_trained_run plus a later checkpoint with other parameters and a lower validation
+    Dice, whose config says eval.checkpoint = "latest": (workdir, best step, latest step)."""
+    import shutil
+
+    import jax
+    import ml_collections
+
+    from scse_jax import checkpoint
+    from scse_jax.inference import _restore_state
+
+    workdir = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    shutil.copytree(tiny_trained_run[0], workdir)
+    ckpts = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+    try:
+        best = ckpts.latest_step()
+        meta = ckpts.restore_meta(best)
+        config = ml_collections.ConfigDict(meta["config"])
+        state = _restore_state(ckpts, best, meta, config, len(meta["class_names"]))
+        leaves, tree = jax.tree.flatten(state.params)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        params = jax.tree.unflatten(tree, [
+            leaf + 0.5 * leaf.std() * jax.random.normal(key, leaf.shape, leaf.dtype) for leaf, key in zip(leaves, keys)
+        ])  # fmt: skip
+        config.eval.checkpoint = "latest"
+        later = {**meta, "step": best + 1, "val_dice": meta["val_dice"] - 0.5, "config": config.to_dict()}
+        ckpts.save(best + 1, state.replace(params=params), later)
+    finally:
+        ckpts.close()
+    return workdir, best, best + 1

@@ -34,7 +34,7 @@ def test_a_missing_step_or_an_unknown_choice_is_a_clear_error(tmp_path):
     try:
         with pytest.raises(CheckpointError, match=r"no checkpoint 7 in .*; there are \[1, 2, 3\]"):
             ckpts.chosen_step("7")
-        with pytest.raises(CheckpointError, match="checkpoint 'middle': expected best, latest or a step number"):
+        with pytest.raises(CheckpointError, match="checkpoint 'middle': expected latest, best or a step number"):
             ckpts.chosen_step("middle")
     finally:
         ckpts.close()

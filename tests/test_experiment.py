@@ -133,6 +133,57 @@ def test_rescore_scores_finished_runs_of_another_checkpoint_again_and_keeps_the_
     assert all(len(list(run.glob("test_scores.replaced-*.csv"))) == 1 for run in runs)
 
 
+def test_rescore_scores_the_latest_checkpoint_where_it_differs_from_the_best(
+    tmp_path, study_settings, two_checkpoint_run, monkeypatch
+):
+    from scse_jax import evaluate
+
+    run, best, latest = two_checkpoint_run
+    workdir = tmp_path / "mr_unet" / "seed0" / "fold0"
+    shutil.copytree(run, workdir)
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: {})  # trained already
+    config = experiment.load_study_configs(CONFIGS[:1], study_settings, 4)["mr_unet"]
+    first = experiment.run_fold(config, workdir)
+    config.eval.checkpoint = "latest"
+    again = experiment.run_fold(config, workdir, rescore=True)
+
+    def scores(rows):
+        return [
+            {k: v for k, v in row.items() if k not in ("postprocess", "checkpoint", "step")}
+            for row in rows if row["postprocess"] == "none"
+        ]  # fmt: skip
+
+    assert {row["step"] for row in first} == {best} and {row["step"] for row in again} == {latest}
+    by_latest, _, _, _ = evaluate.score_checkpoint(workdir, which="latest", largest_component=False)
+    by_best, _, _, _ = evaluate.score_checkpoint(workdir, which="best", largest_component=False)
+    assert scores(again) == by_latest and scores(first) == by_best and by_latest != by_best
+
+
+def test_scores_without_a_checkpoint_column_count_as_the_best_and_runs_without_checkpoints_are_named(
+    tmp_path, study_settings, fake_training
+):
+    experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=study_settings)
+    runs = [tmp_path / "mr_unet" / "seed0" / f"fold{fold}" for fold in range(2)]
+    for run in runs:  # as written before the column existed
+        with (run / "test_scores.csv").open() as stream:
+            rows = [{k: v for k, v in row.items() if k not in ("checkpoint", "step")} for row in csv.DictReader(stream)]
+        with (run / "test_scores.csv").open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    old = [(run / "test_scores.csv").read_text() for run in runs]
+    text = experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=study_settings, rescore=True)
+    assert [(run / "test_scores.csv").read_text() for run in runs] == old  # already of the best: kept
+    assert "Checkpoint scored: mr_unet best (by validation Dice)." in text
+
+    shutil.rmtree(runs[1] / "checkpoints")  # as in run records kept without their checkpoints
+    latest = [*study_settings, "--config.eval.checkpoint=latest"]
+    with pytest.raises(ConfigError, match="fold1: its scores are not of the latest checkpoint .* checkpoints are not there"):
+        experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=latest, report_only=True, rescore=True)
+    text = experiment.run_study(CONFIGS[:1], tmp_path, folds=2, seeds=[0], overrides=latest, report_only=True)
+    assert "mr_unet MIXED, best (by validation Dice) in 1 runs and latest in 1 runs" in text
+
+
 def test_study_reports_partial_then_trains_only_the_missing_seed(tmp_path, study_settings, fake_training):
     experiment.run_study(CONFIGS, tmp_path, folds=2, seeds=[0], overrides=study_settings)
     fake_training.clear()

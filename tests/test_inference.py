@@ -36,6 +36,13 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
         Segmenter.from_checkpoint(tmp_path / "other")
 
 
+def test_by_default_a_run_s_own_eval_checkpoint_is_restored(two_checkpoint_run):
+    run, best, latest = two_checkpoint_run  # its config says eval.checkpoint = "latest"
+    restored = Segmenter.from_checkpoint(run)
+    assert restored.step == latest and restored.chosen == f"step {latest}, the run's eval.checkpoint: latest"
+    assert Segmenter.from_checkpoint(run, which="best").step == best
+
+
 def test_best_without_a_validation_score_points_to_latest(tiny_trained_run, monkeypatch):
     from scse_jax import checkpoint
 

@@ -26,7 +26,7 @@ def read_metrics(workdir):
 def final_params(workdir):
     from scse_jax.inference import Segmenter
 
-    return Segmenter.from_checkpoint(workdir).variables
+    return Segmenter.from_checkpoint(workdir, which="latest").variables
 
 
 def test_one_epoch_leaves_every_artefact(tiny_trained_run):
