@@ -3,8 +3,9 @@ patient of folds 0 and 2, seed 0, before and after one change.
 
     python docs/results/recipe/paired_table.py schedule28    # 24 epochs halved every 6 -> 28 halved every 7
     python docs/results/recipe/paired_table.py soft_labels   # picked classes -> class shares
+    python docs/results/recipe/paired_table.py checkpoint 1  # the study's seed-1 runs: best -> latest checkpoint
 
-"Before" is a study's run (its `test_scores.csv`, the largest-component rows); "after" is the
+"Before" is a study's run (the scores of its best checkpoint, the largest-component rows); "after" is the
 experiment's `evaluate --checkpoint` CSV in this folder, which keeps the largest component as
 the recipe's config says.
 """
@@ -33,6 +34,13 @@ def patient_means(path, postprocess=None):
     return {patient: statistics.mean(values) for patient, values in dice.items()}
 
 
+def best_checkpoint_scores(run):
+    """A study run's scores of its best checkpoint, which these experiments were compared with:
+    the file `experiment --rescore` kept, where the run was scored again from another one."""
+    replaced = sorted(run.glob("test_scores.replaced-*.csv"))
+    return replaced[0] if replaced else run / "test_scores.csv"
+
+
 def main(name):
     (title_before, title_after), study, prefix = EXPERIMENTS[name]
     print(f"| model | fold | patient | {title_before} | {title_after} |")
@@ -40,9 +48,8 @@ def main(name):
     before, after = [], []
     for model in ("unet", "scse"):
         for fold in (0, 2):
-            old = patient_means(
-                HERE.parent / f"{study}/mr_{model}_cpu/seed0/fold{fold}/test_scores.csv", "largest_component"
-            )
+            run = HERE.parent / f"{study}/mr_{model}_cpu/seed0/fold{fold}"
+            old = patient_means(best_checkpoint_scores(run), "largest_component")
             new = patient_means(HERE / f"{prefix}_{model}_fold{fold}_test.csv")
             for patient in sorted(new, key=int):
                 print(f"| {model} | {fold} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
@@ -55,5 +62,32 @@ def main(name):
     )
 
 
+def checkpoint_table(seed):
+    """Every rescored run of the study of one seed: its best checkpoint's scores (the file
+    `experiment --rescore` kept) against its latest checkpoint's, per test patient."""
+    print("| model | fold | patient | best checkpoint | latest checkpoint |")
+    print("| --- | --- | --- | --- | --- |")
+    before, after = [], []
+    for model in ("unet", "scse"):
+        for run in sorted((HERE.parent / "mr_t2_cpu_study_runs" / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*")):
+            if not list(run.glob("test_scores.replaced-*.csv")):
+                continue
+            old = patient_means(best_checkpoint_scores(run), "largest_component")
+            new = patient_means(run / "test_scores.csv", "largest_component")
+            for patient in sorted(new, key=int):
+                print(f"| {model} | {run.name[4:]} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
+                before.append(old[patient])
+                after.append(new[patient])
+    higher = sum(a > b for a, b in zip(after, before))
+    lower = sum(a < b for a, b in zip(after, before))
+    print(
+        f"| mean of {len(after)} | | | {statistics.mean(before):.4f} | "
+        f"{statistics.mean(after):.4f} ({higher} higher, {lower} lower) |"
+    )
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "checkpoint":
+        checkpoint_table(int(sys.argv[2]))
+    else:
+        main(sys.argv[1])
