@@ -28,6 +28,12 @@ STATE_DIGESTS = "state_digests"
 CHOICES = ("best", "latest")
 
 
+def check_choice(which: str) -> None:
+    """Raises CheckpointError unless ``which`` is "best", "latest" or a step number."""
+    if which not in CHOICES and not str(which).isdigit():
+        raise CheckpointError(f"checkpoint {which!r}: expected latest, best or a step number")
+
+
 def checkpoint_dir(workdir_or_checkpoint_dir: str | Path) -> Path:
     """``<workdir>/checkpoints`` for a run's workdir, or the path itself for a checkpoint folder."""
     path = Path(workdir_or_checkpoint_dir).expanduser()
@@ -94,8 +100,7 @@ class Checkpoints:
             if latest is None:
                 raise CheckpointError(f"no checkpoint in {self.directory}")
             which = self.restore_meta(latest)["config"].get("eval", {}).get("checkpoint", "best")
-        if which not in CHOICES and not str(which).isdigit():
-            raise CheckpointError(f"checkpoint {which!r}: expected latest, best or a step number")
+        check_choice(which)
         if which == "latest":
             step = self.latest_step()
         elif which == "best":

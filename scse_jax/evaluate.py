@@ -130,6 +130,11 @@ def score_prediction(prediction: np.ndarray, case, class_names: Sequence[str]) -
     return rows
 
 
+def mean_dice(prediction: np.ndarray, case, class_names: Sequence[str]) -> float:
+    """The mean Dice over the organs of a prepared case's native-grid prediction."""
+    return float(np.mean([row["dice"] for row in score_prediction(prediction, case, class_names)]))
+
+
 def score_cases(cases, predict_native, class_names: Sequence[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Predicts prepared cases on their native grid with ``predict_native(case)`` and scores them
     (`score_prediction`); returns the rows and the predictions by case key."""

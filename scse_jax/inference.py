@@ -86,8 +86,8 @@ class Segmenter:
           which: "latest", "best" (highest validation Dice), a step number, or None: the run's
             ``eval.checkpoint``.
         """
-        if which is not None and which not in checkpoint.CHOICES and not str(which).isdigit():
-            raise ConfigError(f"checkpoint {which!r}: expected latest, best or a step number (which=, --which)")
+        if which is not None:
+            checkpoint.check_choice(which)  # before JAX starts, as a bad argument should fail fast
         # Opening the checkpoints starts JAX, after which the layout cannot change.
         cpu_layout.set_up(cpu_layout.AUTO, [batch_size] if batch_size else [])
         directory = checkpoint.checkpoint_dir(path)

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -260,7 +261,7 @@ def test_csv_naming_a_folder_is_refused_before_scoring(tiny_trained_run, tmp_pat
 
 def test_which_that_is_no_step_is_one_line(tiny_trained_run, capsys):
     code = evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--which", "abc"])
-    assert_one_error_line(code, capsys.readouterr().err, "checkpoint 'abc': expected latest, best or a step number (which=, --which)")
+    assert_one_error_line(code, capsys.readouterr().err, "checkpoint 'abc': expected latest, best or a step number")
 
 
 def test_a_checkpoint_from_elsewhere_never_creates_its_cache_dir(tiny_trained_run, tmp_path, monkeypatch):
@@ -289,3 +290,15 @@ def test_checkpoint_scoring_keeps_compiled_prediction_in_the_runs_compile_cache(
     assert evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--split", "val"]) == 0
     run_cache = json.loads((tiny_trained_run[0] / "config.json").read_text())["data"]["cache_dir"]
     assert calls[0] == ("cache", run_cache) and set(calls[1:]) == {("predict",)}
+
+
+def test_mean_dice_averages_the_organs_dice():
+    labels = np.zeros((2, 8, 8), np.uint8)
+    labels[:, 2:6, 2:6] = 1  # organ 1: 32 voxels
+    labels[:, 6:8, 6:8] = 2  # organ 2: 8 voxels
+    case = types.SimpleNamespace(patient="p", native_labels=labels, geometry=(1.0, 1.0, 1.0))
+    prediction = labels.copy()
+    prediction[:, 2:6, 2:4] = 0  # organ 1 half found: Dice 2*16/(16+32) = 2/3; organ 2 exact
+    names = ("background", "a", "b")
+    assert evaluate.mean_dice(prediction, case, names) == pytest.approx((2 / 3 + 1) / 2)
+    assert evaluate.mean_dice(labels, case, names) == pytest.approx(1.0)

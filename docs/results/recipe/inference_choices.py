@@ -15,8 +15,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from scse_jax import evaluate
 from scse_jax.data.run_data import prepare_split
 from scse_jax.inference import Segmenter
@@ -33,14 +31,9 @@ def score_run(run):
         cases = cases or prepare_split(evaluate.config_on_this_machine(segmenter.config), "test")
         for tta in (False, True):
             scores[which + ("+shifts" if tta else "")] = {
-                case.patient: float(np.mean([
-                    row["dice"]
-                    for row in evaluate.score_prediction(
-                        segmenter.segment_to_native(case.images, case.native_shape[1:], tta=tta),
-                        case,
-                        segmenter.class_names,
-                    )
-                ]))
+                case.patient: evaluate.mean_dice(
+                    segmenter.segment_to_native(case.images, case.native_shape[1:], tta=tta), case, segmenter.class_names
+                )
                 for case in cases
             }
     return {"steps": steps, "dice": scores}

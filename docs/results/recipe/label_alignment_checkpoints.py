@@ -52,7 +52,7 @@ def main(study, out):
                 row = {}
                 for way in ways:
                     labels = postprocess.keep_largest_components(native_ids(probabilities, case.native_shape[1:], way), range(1, 5))
-                    row[way] = float(np.mean([r["dice"] for r in evaluate.score_prediction(labels, case, segmenter.class_names)]))
+                    row[way] = evaluate.mean_dice(labels, case, segmenter.class_names)
                 result[f"{model}/fold{fold}/{case.patient}"] = row
                 print(model, fold, case.patient, row, flush=True)
     summary = {}

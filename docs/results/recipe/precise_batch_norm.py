@@ -43,12 +43,7 @@ def precise_statistics(segmenter, train_cases, batch_size=10, seed=0):
 
 
 def mean_dice(segmenter, cases):
-    return {
-        case.patient: float(
-            np.mean([row["dice"] for row in evaluate.score_prediction(segmenter.segment_case(case), case, segmenter.class_names)])
-        )
-        for case in cases
-    }
+    return {case.patient: evaluate.mean_dice(segmenter.segment_case(case), case, segmenter.class_names) for case in cases}
 
 
 def main(out, runs):
