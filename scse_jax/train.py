@@ -613,6 +613,12 @@ def _write_run_summary(run: _Run, summary: dict[str, Any] | None, predictions: d
     if summary:
         print("Validation (native resolution, mean over validation patients):")
         print(evaluate.dice_table(summary), end="", flush=True)
+    elif jax.process_index() == 0:
+        print(
+            "No validation patients (data.num_val_patients=0). Score the held-out patients with\n"
+            f"  python -m scse_jax.evaluate --checkpoint {run.workdir} --split test",
+            flush=True,
+        )
 
 
 def _stopped(signal_name: str, step: int, run: _Run) -> RunStopped:

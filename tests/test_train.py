@@ -443,3 +443,20 @@ def test_allowed_model_values_are_the_models_own():
         config.model[field] = ("nowhere",) if field == "se_positions" else "other"
         with pytest.raises(ConfigError, match=f"model.{field}: .* is not {'[|]'.join(allowed)}"):
             train.validate_config(config, device_count=8)
+
+
+def test_a_run_without_validation_patients_trains_on_them_and_says_how_to_score(tiny_data, tmp_path, capsys):
+    from scse_jax import evaluate
+    from scse_jax.data.run_data import plan_run_data
+
+    workdir = tmp_path / "run"
+    config = tiny_config(*tiny_data, "--config.data.num_val_patients=0", "--config.eval.checkpoint=latest")
+    split = plan_run_data(config).split
+    assert split.val == () and len(split.train) == 5 - len(split.test)
+    assert train.train_and_evaluate(config, workdir) == {}
+    out, err = capsys.readouterr()
+    assert f"from {len(split.train)} training label maps" in err
+    assert f"python -m scse_jax.evaluate --checkpoint {workdir} --split test" in out
+    assert [r["split"] for r in read_metrics(workdir)] == ["train"]
+    rows, *_ = evaluate.score_checkpoint(workdir, split="test")
+    assert {r["organ"] for r in rows} == {"liver", "right_kidney", "left_kidney", "spleen"}
