@@ -4,6 +4,7 @@ patient of folds 0 and 2, seed 0, before and after one change.
     python docs/results/recipe/paired_table.py schedule28    # 24 epochs halved every 6 -> 28 halved every 7
     python docs/results/recipe/paired_table.py soft_labels   # picked classes -> class shares
     python docs/results/recipe/paired_table.py checkpoint 1  # the study's seed-1 runs: best -> latest checkpoint
+    python docs/results/recipe/paired_table.py studies BEFORE_RUNS AFTER_RUNS 0  # two studies' seed-0 runs
 
 "Before" is a study's run (the scores of its best checkpoint, the largest-component rows); "after" is the
 experiment's `evaluate --checkpoint` CSV in this folder, which keeps the largest component as
@@ -41,43 +42,17 @@ def best_checkpoint_scores(run):
     return replaced[0] if replaced else run / "test_scores.csv"
 
 
-def main(name):
-    (title_before, title_after), study, prefix = EXPERIMENTS[name]
+def print_pairs(title_before, title_after, runs):
+    """The table of (model, fold, patient) pairs: ``runs`` yields (model, fold, before, after),
+    each a {patient: mean Dice}; the patients are those of ``after``."""
     print(f"| model | fold | patient | {title_before} | {title_after} |")
     print("| --- | --- | --- | --- | --- |")
     before, after = [], []
-    for model in ("unet", "scse"):
-        for fold in (0, 2):
-            run = HERE.parent / f"{study}/mr_{model}_cpu/seed0/fold{fold}"
-            old = patient_means(best_checkpoint_scores(run), "largest_component")
-            new = patient_means(HERE / f"{prefix}_{model}_fold{fold}_test.csv")
-            for patient in sorted(new, key=int):
-                print(f"| {model} | {fold} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
-                before.append(old[patient])
-                after.append(new[patient])
-    better = sum(a > b for a, b in zip(after, before))
-    print(
-        f"| mean of {len(after)} | | | {statistics.mean(before):.3f} | "
-        f"{statistics.mean(after):.3f} ({better} of {len(after)} higher) |"
-    )
-
-
-def checkpoint_table(seed):
-    """Every rescored run of the study of one seed: its best checkpoint's scores (the file
-    `experiment --rescore` kept) against its latest checkpoint's, per test patient."""
-    print("| model | fold | patient | best checkpoint | latest checkpoint |")
-    print("| --- | --- | --- | --- | --- |")
-    before, after = [], []
-    for model in ("unet", "scse"):
-        for run in sorted((HERE.parent / "mr_t2_cpu_study_runs" / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*")):
-            if not list(run.glob("test_scores.replaced-*.csv")):
-                continue
-            old = patient_means(best_checkpoint_scores(run), "largest_component")
-            new = patient_means(run / "test_scores.csv", "largest_component")
-            for patient in sorted(new, key=int):
-                print(f"| {model} | {run.name[4:]} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
-                before.append(old[patient])
-                after.append(new[patient])
+    for model, fold, old, new in runs:
+        for patient in sorted(new, key=int):
+            print(f"| {model} | {fold} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
+            before.append(old[patient])
+            after.append(new[patient])
     higher = sum(a > b for a, b in zip(after, before))
     lower = sum(a < b for a, b in zip(after, before))
     print(
@@ -86,8 +61,41 @@ def checkpoint_table(seed):
     )
 
 
+def experiment_runs(name):
+    """Folds 0 and 2 of seed 0: the study's run against the experiment's CSV."""
+    _, study, prefix = EXPERIMENTS[name]
+    for model in ("unet", "scse"):
+        for fold in (0, 2):
+            run = HERE.parent / f"{study}/mr_{model}_cpu/seed0/fold{fold}"
+            old = patient_means(best_checkpoint_scores(run), "largest_component")
+            yield model, fold, old, patient_means(HERE / f"{prefix}_{model}_fold{fold}_test.csv")
+
+
+def checkpoint_runs(seed):
+    """Every rescored run of the study of one seed: its best checkpoint's scores (the file
+    `experiment --rescore` kept) against its latest checkpoint's."""
+    for model in ("unet", "scse"):
+        for run in sorted((HERE.parent / "mr_t2_cpu_study_runs" / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*")):
+            if list(run.glob("test_scores.replaced-*.csv")):
+                old = patient_means(best_checkpoint_scores(run), "largest_component")
+                yield model, run.name[4:], old, patient_means(run / "test_scores.csv", "largest_component")
+
+
+def study_runs(before, after, seed):
+    """Two studies' runs of one seed (each its runs folder: MODEL/seedS/foldK/test_scores.csv),
+    every run that ``after`` has finished, as each scored it (the largest component kept)."""
+    for model in ("unet", "scse"):
+        for run in sorted((Path(after) / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*")):
+            if (run / "test_scores.csv").exists():
+                old = Path(before) / f"mr_{model}_cpu" / f"seed{seed}" / run.name / "test_scores.csv"
+                yield (model, run.name[4:], patient_means(old, "largest_component"),
+                       patient_means(run / "test_scores.csv", "largest_component"))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "checkpoint":
-        checkpoint_table(int(sys.argv[2]))
+        print_pairs("best checkpoint", "latest checkpoint", checkpoint_runs(int(sys.argv[2])))
+    elif sys.argv[1] == "studies":
+        print_pairs("before", "after", study_runs(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     else:
-        main(sys.argv[1])
+        print_pairs(*EXPERIMENTS[sys.argv[1]][0], experiment_runs(sys.argv[1]))
