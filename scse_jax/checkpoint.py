@@ -28,10 +28,11 @@ STATE_DIGESTS = "state_digests"
 CHOICES = ("best", "latest")
 
 
-def check_choice(which: str) -> None:
-    """Raises CheckpointError unless ``which`` is "best", "latest" or a step number."""
+def check_choice(which: str, where: str = "") -> None:
+    """Raises CheckpointError unless ``which`` is "best", "latest" or a step number; ``where``
+    names the argument it came from in the message."""
     if which not in CHOICES and not str(which).isdigit():
-        raise CheckpointError(f"checkpoint {which!r}: expected latest, best or a step number")
+        raise CheckpointError(f"checkpoint {which!r}: expected latest, best or a step number{where}")
 
 
 def checkpoint_dir(workdir_or_checkpoint_dir: str | Path) -> Path:

@@ -87,7 +87,7 @@ class Segmenter:
             ``eval.checkpoint``.
         """
         if which is not None:
-            checkpoint.check_choice(which)  # before JAX starts, as a bad argument should fail fast
+            checkpoint.check_choice(which, " (which=, --which)")  # before JAX starts: a bad argument fails fast
         # Opening the checkpoints starts JAX, after which the layout cannot change.
         cpu_layout.set_up(cpu_layout.AUTO, [batch_size] if batch_size else [])
         directory = checkpoint.checkpoint_dir(path)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -290,6 +291,11 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         config.eval.checkpoint in checkpoint.CHOICES,
         "eval.checkpoint",
         f"{config.eval.checkpoint!r} is not {'|'.join(checkpoint.CHOICES)}",
+    )
+    need(
+        config.eval.checkpoint != "best" or config.data.num_val_patients > 0,
+        "eval.checkpoint",
+        '"best" needs validation patients to choose it; with data.num_val_patients=0 use "latest"',
     )
     if config.data.root:
         need(Path(config.data.root).expanduser().exists(), "data.root", f"{config.data.root} does not exist")
@@ -613,10 +619,10 @@ def _write_run_summary(run: _Run, summary: dict[str, Any] | None, predictions: d
     if summary:
         print("Validation (native resolution, mean over validation patients):")
         print(evaluate.dice_table(summary), end="", flush=True)
-    elif jax.process_index() == 0:
+    elif jax.process_index() == 0 and run.streamed.result().test:
         print(
             "No validation patients (data.num_val_patients=0). Score the held-out patients with\n"
-            f"  python -m scse_jax.evaluate --checkpoint {run.workdir} --split test",
+            f"  python -m scse_jax.evaluate --checkpoint {shlex.quote(str(run.workdir))} --split test",
             flush=True,
         )
 

@@ -261,7 +261,7 @@ def test_csv_naming_a_folder_is_refused_before_scoring(tiny_trained_run, tmp_pat
 
 def test_which_that_is_no_step_is_one_line(tiny_trained_run, capsys):
     code = evaluate.main(["--checkpoint", str(tiny_trained_run[0]), "--which", "abc"])
-    assert_one_error_line(code, capsys.readouterr().err, "checkpoint 'abc': expected latest, best or a step number")
+    assert_one_error_line(code, capsys.readouterr().err, "checkpoint 'abc': expected latest, best or a step number (which=, --which)")
 
 
 def test_a_checkpoint_from_elsewhere_never_creates_its_cache_dir(tiny_trained_run, tmp_path, monkeypatch):

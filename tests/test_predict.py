@@ -106,7 +106,7 @@ def test_bad_input_is_one_line(tiny_trained_run, tmp_path, capsys):
 def test_which_that_is_no_step_is_one_line(tiny_trained_run, tiny_data, tmp_path, capsys):
     args = ["--checkpoint", str(tiny_trained_run[0]), "--input", str(tiny_data[0]), "--output", str(tmp_path / "out")]
     assert predict.main([*args, "--which", "abc"]) == 1
-    assert capsys.readouterr().err == "error: checkpoint 'abc': expected latest, best or a step number\n"
+    assert capsys.readouterr().err == "error: checkpoint 'abc': expected latest, best or a step number (which=, --which)\n"
     assert not (tmp_path / "out").exists()
 
 

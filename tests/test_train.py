@@ -135,6 +135,7 @@ def test_schedule_halves_every_four_epochs():
         ("data.intensity_augmentation", "strong", "jitter|nnunet|gin"),
         ("data.organ_signal_loss", 1.5, r"data.organ_signal_loss: must be in \[0, 1\]"),
         ("data.root", "/no/such/folder", "does not exist"),
+        ("data.num_val_patients", 0, 'eval.checkpoint: "best" needs validation patients'),
     ],
 )
 def test_bad_config_values_are_refused_before_work(field, value, message):

@@ -6,9 +6,10 @@ patient of folds 0 and 2, seed 0, before and after one change.
     python docs/results/recipe/paired_table.py checkpoint 1  # the study's seed-1 runs: best -> latest checkpoint
     python docs/results/recipe/paired_table.py studies BEFORE_RUNS AFTER_RUNS 0  # two studies' seed-0 runs
 
-"Before" is a study's run (the scores of its best checkpoint, the largest-component rows); "after" is the
-experiment's `evaluate --checkpoint` CSV in this folder, which keeps the largest component as
-the recipe's config says.
+For an experiment, "before" is a study's run (the scores of its best checkpoint, the
+largest-component rows) and "after" the experiment's `evaluate --checkpoint` CSV in this folder,
+which keeps the largest component as the recipe's config says. For two studies, each run's own
+`test_scores.csv` (largest-component rows), which must be of the same checkpoint (best or latest).
 """
 
 import csv
@@ -25,6 +26,11 @@ EXPERIMENTS = {
     ),
     "soft_labels": (("picked classes", "class shares"), "mr_t2_cpu_study_runs", "soft_labels"),
 }
+
+
+def checkpoints_scored(path):
+    """The checkpoints ("best", "latest") whose scores a run's CSV holds."""
+    return {row.get("checkpoint", "best") for row in csv.DictReader(open(path))}
 
 
 def patient_means(path, postprocess=None):
@@ -53,6 +59,8 @@ def print_pairs(title_before, title_after, runs):
             print(f"| {model} | {fold} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
             before.append(old[patient])
             after.append(new[patient])
+    if not after:
+        sys.exit("no finished pairs")
     higher = sum(a > b for a, b in zip(after, before))
     lower = sum(a < b for a, b in zip(after, before))
     print(
@@ -88,6 +96,10 @@ def study_runs(before, after, seed):
         for run in sorted((Path(after) / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*")):
             if (run / "test_scores.csv").exists():
                 old = Path(before) / f"mr_{model}_cpu" / f"seed{seed}" / run.name / "test_scores.csv"
+                if not old.exists():
+                    sys.exit(f"{old} is missing: the studies do not pair")
+                if checkpoints_scored(old) != checkpoints_scored(run / "test_scores.csv"):
+                    sys.exit(f"{old} and {run / 'test_scores.csv'} score different checkpoints")
                 yield (model, run.name[4:], patient_means(old, "largest_component"),
                        patient_means(run / "test_scores.csv", "largest_component"))
 
