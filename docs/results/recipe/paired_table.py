@@ -93,15 +93,14 @@ def study_runs(before, after, seed):
     """Two studies' runs of one seed (each its runs folder: MODEL/seedS/foldK/test_scores.csv),
     every run that ``after`` has finished, as each scored it (the largest component kept)."""
     for model in ("unet", "scse"):
-        for run in sorted((Path(after) / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*")):
-            if (run / "test_scores.csv").exists():
-                old = Path(before) / f"mr_{model}_cpu" / f"seed{seed}" / run.name / "test_scores.csv"
-                if not old.exists():
-                    sys.exit(f"{old} is missing: the studies do not pair")
-                if checkpoints_scored(old) != checkpoints_scored(run / "test_scores.csv"):
-                    sys.exit(f"{old} and {run / 'test_scores.csv'} score different checkpoints")
-                yield (model, run.name[4:], patient_means(old, "largest_component"),
-                       patient_means(run / "test_scores.csv", "largest_component"))
+        for new in sorted((Path(after) / f"mr_{model}_cpu" / f"seed{seed}").glob("fold*/test_scores.csv")):
+            fold = new.parent.name
+            old = Path(before) / f"mr_{model}_cpu" / f"seed{seed}" / fold / "test_scores.csv"
+            if not old.exists():
+                sys.exit(f"{old} is missing: the studies do not pair")
+            if checkpoints_scored(old) != checkpoints_scored(new):
+                sys.exit(f"{old} and {new} score different checkpoints")
+            yield model, fold[4:], patient_means(old, "largest_component"), patient_means(new, "largest_component")
 
 
 if __name__ == "__main__":
