@@ -5,6 +5,7 @@ patient of folds 0 and 2, seed 0, before and after one change.
     python docs/results/recipe/paired_table.py soft_labels   # picked classes -> class shares
     python docs/results/recipe/paired_table.py checkpoint 1  # the study's seed-1 runs: best -> latest checkpoint
     python docs/results/recipe/paired_table.py studies BEFORE_RUNS AFTER_RUNS 0  # two studies' seed-0 runs
+    python docs/results/recipe/paired_table.py studies BEFORE_RUNS AFTER_RUNS 0 15  # and their mean without patient 15
 
 For an experiment, "before" is a study's run (the scores of its best checkpoint, the
 largest-component rows) and "after" the experiment's `evaluate --checkpoint` CSV in this folder,
@@ -48,23 +49,32 @@ def best_checkpoint_scores(run):
     return replaced[0] if replaced else run / "test_scores.csv"
 
 
-def print_pairs(title_before, title_after, runs):
+def print_pairs(title_before, title_after, runs, left_out=None):
     """The table of (model, fold, patient) pairs: ``runs`` yields (model, fold, before, after),
-    each a {patient: mean Dice}; the patients are those of ``after``."""
+    each a {patient: mean Dice}; the patients are those of ``after``. With ``left_out`` (a
+    patient id), a second mean line leaves that patient's pairs out."""
     print(f"| model | fold | patient | {title_before} | {title_after} |")
     print("| --- | --- | --- | --- | --- |")
-    before, after = [], []
+    pairs = []
     for model, fold, old, new in runs:
         for patient in sorted(new, key=int):
             print(f"| {model} | {fold} | {patient} | {old[patient]:.3f} | {new[patient]:.3f} |")
-            before.append(old[patient])
-            after.append(new[patient])
-    if not after:
+            pairs.append((patient, old[patient], new[patient]))
+    if not pairs:
         sys.exit("no finished pairs")
+    print_mean(f"mean of {len(pairs)}", pairs)
+    if left_out is not None:
+        kept = [pair for pair in pairs if pair[0] != left_out]
+        print_mean(f"mean of {len(kept)}, without patient {left_out}", kept)
+
+
+def print_mean(title, pairs):
+    before = [old for _, old, _ in pairs]
+    after = [new for _, _, new in pairs]
     higher = sum(a > b for a, b in zip(after, before))
     lower = sum(a < b for a, b in zip(after, before))
     print(
-        f"| mean of {len(after)} | | | {statistics.mean(before):.4f} | "
+        f"| {title} | | | {statistics.mean(before):.4f} | "
         f"{statistics.mean(after):.4f} ({higher} higher, {lower} lower) |"
     )
 
@@ -107,6 +117,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "checkpoint":
         print_pairs("best checkpoint", "latest checkpoint", checkpoint_runs(int(sys.argv[2])))
     elif sys.argv[1] == "studies":
-        print_pairs("before", "after", study_runs(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+        left_out = sys.argv[5] if len(sys.argv) > 5 else None
+        print_pairs("before", "after", study_runs(sys.argv[2], sys.argv[3], int(sys.argv[4])), left_out)
     else:
         print_pairs(*EXPERIMENTS[sys.argv[1]][0], experiment_runs(sys.argv[1]))
