@@ -8,7 +8,9 @@ weights, which made every organ too large; more, smaller Adam steps at a lower r
 epochs, halved every 7: the 24-and-6 schedule stretched); 128 px; each organ's largest
 connected component kept; GIN intensity augmentation, which held the mean Dice of held-out
 patients and lifted the weakest ones (docs/results/intensity_augmentation.md); the latest
-checkpoint used, not the best by one validation patient's Dice. The plain U-Net twin is
+checkpoint used, not the best by one validation patient's Dice; and so no validation patient:
+it is trained on (docs/results/mr_t2_cpu_study_12train.md), and the run ends by printing the
+`evaluate --split test` command for its held-out patients. The plain U-Net twin is
 configs/mr_unet_cpu.py.
 """
 
@@ -25,5 +27,6 @@ def get_config():
     config.train.class_weighting = "none"
     config.eval.largest_component = True
     config.eval.checkpoint = "latest"
+    config.data.num_val_patients = 0
     config.data.intensity_augmentation = "gin"
     return config

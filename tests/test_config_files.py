@@ -75,3 +75,11 @@ def test_the_cpu_recipe_trains_with_gin_and_the_quickstart_with_the_jitter_it_wa
 
     assert mr_scse_cpu.get_config().data.intensity_augmentation == "gin"
     assert quickstart.get_config().data.intensity_augmentation == "jitter"
+
+
+def test_the_cpu_recipe_trains_on_every_non_test_patient_and_the_quickstart_validates_on_one():
+    from configs import mr_scse_cpu, quickstart
+
+    recipe = mr_scse_cpu.get_config()
+    assert (recipe.data.num_val_patients, recipe.eval.checkpoint) == (0, "latest")
+    assert quickstart.get_config().data.num_val_patients == 1
