@@ -266,6 +266,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
         "data.intensity_augmentation",
         f"{intensity_set!r} is not one of {'|'.join(intensity.INTENSITY_AUGMENTATIONS)}",
     )
+    spatial_set = config.data.get("spatial_augmentation", "small")
+    need(
+        spatial_set in pipeline.SPATIAL_AUGMENTATIONS,
+        "data.spatial_augmentation",
+        f"{spatial_set!r} is not one of {'|'.join(pipeline.SPATIAL_AUGMENTATIONS)}",
+    )
     need(config.data.modality in ("CT", "MR"), "data.modality", f"{config.data.modality!r} is not 'CT' or 'MR'")
     signal_loss = config.data.get("organ_signal_loss", 0.0)
     need(0 <= signal_loss <= 1, "data.organ_signal_loss", f"must be in [0, 1], got {signal_loss}")
@@ -509,6 +515,7 @@ def _train_epoch(
                 modality=config.data.modality,
                 intensity_set=config.data.get("intensity_augmentation", "jitter"),
                 organ_signal_loss=config.data.get("organ_signal_loss", 0.0),
+                spatial_set=config.data.get("spatial_augmentation", "small"),
             )
             if config.data.augment
             else None

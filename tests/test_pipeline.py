@@ -294,11 +294,11 @@ def left_object_batch(count: int = 6, size: int = 32):
     return {"image": images, "label": labels}
 
 
-@pytest.mark.parametrize("modality", ["CT", "MR"])
-def test_augmentation_keeps_shapes_values_and_sides(modality):
+@pytest.mark.parametrize("modality, spatial_set", [("CT", "small"), ("MR", "small"), ("MR", "wide")])
+def test_augmentation_keeps_shapes_values_and_sides(modality, spatial_set):
     batch = left_object_batch()
     for seed in range(10):
-        out = augment_batch(batch, np.random.default_rng(seed), modality=modality)
+        out = augment_batch(batch, np.random.default_rng(seed), modality=modality, spatial_set=spatial_set)
         assert out["image"].shape == batch["image"].shape and out["image"].dtype == np.float32
         assert out["label"].shape == batch["label"].shape and out["label"].dtype == np.int32
         assert set(np.unique(out["label"])) <= {0, 2, 3}
@@ -312,6 +312,28 @@ def test_augmentation_keeps_shapes_values_and_sides(modality):
         moved = out["image"][..., 0] > out["image"][..., 0].min(axis=(1, 2), keepdims=True) + 0.5
         overlap = (moved & (out["label"] == 2)).sum() / (out["label"] == 2).sum()
         assert overlap > 0.8
+
+
+def test_wide_spatial_augmentation_zooms_in_and_out_further_than_the_small_one():
+    size = 48
+    labels = np.zeros((40, size, size), np.int32)
+    labels[:, 18:30, 18:30] = 1  # central, so that no zoom or shift pushes it off the grid
+    batch = {"image": labels[..., None].astype(np.float32), "label": labels}
+    area_ratio = {
+        spatial_set: (augment_batch(batch, np.random.default_rng(0), modality="MR", spatial_set=spatial_set)["label"]
+                      == 1).sum(axis=(1, 2)) / 144
+        for spatial_set in ("small", "wide")
+    }
+    # Scale s multiplies the area by s**2: small 0.9-1.1, wide 0.7-1.4 (log-uniform); a pixel of slack.
+    assert 0.81 * 0.9 <= area_ratio["small"].min() and area_ratio["small"].max() <= 1.21 * 1.1
+    assert 0.49 * 0.85 <= area_ratio["wide"].min() and area_ratio["wide"].max() <= 1.96 * 1.1
+    assert area_ratio["wide"].min() < 0.7 and area_ratio["wide"].max() > 1.4
+    assert (area_ratio["wide"] < 1).sum() >= 12 and (area_ratio["wide"] > 1).sum() >= 12
+
+
+def test_augmentation_refuses_an_unknown_spatial_set():
+    with pytest.raises(ConfigError, match="spatial augmentation must be one of"):
+        augment_batch(left_object_batch(), np.random.default_rng(0), modality="MR", spatial_set="huge")
 
 
 def test_augmentation_moves_every_context_channel_with_the_labels():

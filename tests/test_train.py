@@ -133,6 +133,7 @@ def test_schedule_halves_every_four_epochs():
         ("eval.every_epochs", 0, "eval.every_epochs: must be > 0"),
         ("model.se", "csse", "none|cse|sse|scse"),
         ("data.intensity_augmentation", "strong", "jitter|nnunet|gin"),
+        ("data.spatial_augmentation", "huge", "data.spatial_augmentation: 'huge' is not one of small|wide"),
         ("data.organ_signal_loss", 1.5, r"data.organ_signal_loss: must be in \[0, 1\]"),
         ("data.root", "/no/such/folder", "does not exist"),
         ("data.num_val_patients", 0, 'eval.checkpoint: "best" needs validation patients'),

@@ -348,10 +348,23 @@ def iterate_batches(
         yield batch
 
 
-# Small transforms only: a proper abdomen never appears mirrored, so no flips at all.
-_MAX_ROTATION_DEG = 10.0
-_SCALE_RANGE = (0.9, 1.1)
-_MAX_SHIFT_FRACTION = 0.06
+@dataclasses.dataclass(frozen=True)
+class SpatialRange:
+    """The similarity transforms one spatial augmentation set draws from, per example."""
+
+    max_rotation_deg: float
+    scale_range: tuple[float, float]
+    max_shift_fraction: float  # of the side, each axis
+    log_uniform_scale: bool  # zooming in and out about equally likely
+
+
+# Proper similarities only: an abdomen never appears mirrored, so no flips at all. "wide" takes
+# nnU-Net's scale range (nnUNetTrainerV2.setup_DA_params: 0.7-1.4) and its earlier 3-D rotation
+# bound (15 degrees); its 2-D rotations (up to 180 degrees) are not anatomical here.
+SPATIAL_AUGMENTATIONS = {
+    "small": SpatialRange(10.0, (0.9, 1.1), 0.06, log_uniform_scale=False),
+    "wide": SpatialRange(15.0, (0.7, 1.4), 0.10, log_uniform_scale=True),
+}
 
 
 @functools.cache
@@ -367,13 +380,14 @@ def augment_batch(
     modality: str,
     intensity_set: str = "jitter",
     organ_signal_loss: float = 0.0,
+    spatial_set: str = "small",
 ) -> Batch:
     """Random rotation, isotropic scale and shift per example, then intensity augmentation.
 
     The same geometric transform moves image (bilinear), labels (nearest) and label shares
     where the batch has them (bilinear, so they still sum to 1); each is a proper similarity
-    (positive scale, rotation by at most 10 degrees), so left stays left and the kidneys keep
-    their sides. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
+    (positive scale, small rotation), so left stays left and the kidneys keep their sides;
+    ``spatial_set`` names its ranges in `SPATIAL_AUGMENTATIONS`. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
     ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
     the jitter, then random-network intensity transforms on half of the examples),
     drawn per example; before it, a share ``organ_signal_loss`` of the examples get a dark
@@ -386,6 +400,11 @@ def augment_batch(
         raise ConfigError(
             f"intensity augmentation must be one of {intensity.INTENSITY_AUGMENTATIONS}, got {intensity_set!r}"
         )
+    if spatial_set not in SPATIAL_AUGMENTATIONS:
+        raise ConfigError(
+            f"spatial augmentation must be one of {tuple(SPATIAL_AUGMENTATIONS)}, got {spatial_set!r}"
+        )
+    spatial = SPATIAL_AUGMENTATIONS[spatial_set]
     images, labels = batch["image"], batch["label"]
     count, rows, cols = labels.shape
     per_example = not isinstance(rng, np.random.Generator)
@@ -395,9 +414,12 @@ def augment_batch(
             return np.stack([generator.uniform(low, high, shape) for generator in rng])
         return rng.uniform(low, high, (count,) + shape)
 
-    angle = np.deg2rad(uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
-    scale = uniform(*_SCALE_RANGE)
-    shift = uniform(-_MAX_SHIFT_FRACTION, _MAX_SHIFT_FRACTION, (2,)) * (rows, cols)
+    angle = np.deg2rad(uniform(-spatial.max_rotation_deg, spatial.max_rotation_deg))
+    if spatial.log_uniform_scale:
+        scale = np.exp(uniform(*np.log(spatial.scale_range)))
+    else:
+        scale = uniform(*spatial.scale_range)
+    shift = uniform(-spatial.max_shift_fraction, spatial.max_shift_fraction, (2,)) * (rows, cols)
 
     # Output pixel p samples the input at A p + offset, A = R(angle) / scale, about the centre.
     centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
