@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.augment = True  # anatomy-respecting augmentation (no left-right flips)
     # With augment: the similarity transforms drawn per example, "small" (rotation 10 degrees,
     # scale 0.9-1.1, shift 6 %) or "wide" (15 degrees, nnU-Net's scale 0.7-1.4, shift 10 %);
-    # data/pipeline.py. Under trial: docs/results/recipe/spatial_augmentation_rule.md.
+    # data/pipeline.py. Measured, not adopted by the CPU recipe: docs/results/mr_t2_cpu_spatial_wide_trial.md.
     data.spatial_augmentation = "small"
     # Train on each class's share of every training-grid pixel (the class indicators resized
     # bilinearly, preprocess.label_shares) instead of the one class resize_labels picks. Measured,
