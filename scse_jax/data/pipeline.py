@@ -387,8 +387,8 @@ def augment_batch(
     The same geometric transform moves image (bilinear), labels (nearest) and label shares
     where the batch has them (bilinear, so they still sum to 1); each is a proper similarity
     (positive scale, small rotation), so left stays left and the kidneys keep their sides;
-    ``spatial_set`` names its ranges in `SPATIAL_AUGMENTATIONS`. ``intensity_set`` is one of `intensity.INTENSITY_AUGMENTATIONS`
-    ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
+    ``spatial_set`` names its ranges in `SPATIAL_AUGMENTATIONS`. ``intensity_set`` is one of
+    `intensity.INTENSITY_AUGMENTATIONS` ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
     the jitter, then random-network intensity transforms on half of the examples),
     drawn per example; before it, a share ``organ_signal_loss`` of the examples get a dark
     liver, spleen or both (`intensity.organ_signal_loss`). `rng` is one generator for the batch, or one per example (see
