@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.se_aggregation = "max"  # scSE branch combination: "max" (TMI 2019), "add" or "mul"
     model.se_positions = ("encoder", "decoder")  # blocks followed by an SE block; the report's ~2% overhead
     model.upsample = "bilinear"  # decoder upsampling: "bilinear" or "transpose"
+    # Train the outputs of the decoder blocks at 1/2 and 1/4 of the side too, through 1x1 heads,
+    # against pooled labels (nnU-Net's deep supervision, losses.deep_supervision_loss); predictions
+    # use the full-resolution output only.
+    model.deep_supervision = False
     model.compute_dtype = "float32"  # "float32" or "bfloat16" (parameters stay float32)
     # Faster CPU training for more memory (models/cpu_ops.py); a step whose temporaries would not
     # fit in 3/4 of the memory falls back to XLA's kernel gradient by itself.

@@ -13,6 +13,9 @@ classes. Empty-class policy: a class absent from the batch's ground truth contri
 ``smooth / (sum of its predicted probability + smooth)``, close to 1 (no loss) when the
 network predicts nothing of it and falling as it predicts false positives; so absent
 organs are neither ignored nor a source of huge gradients.
+
+With deep supervision (`deep_supervision_loss`), coarser outputs of the decoder are scored
+the same way against targets pooled to their resolution.
 """
 
 import functools
@@ -112,3 +115,55 @@ def segmentation_loss(
     dice = soft_dice_loss(logits, labels, example_mask, shares=shares)
     total = ce_weight * ce + dice_weight * dice
     return total, {"loss": total, "cross_entropy": ce, "dice_loss": dice}
+
+
+def pooled_targets(
+    labels: jax.Array, num_classes: int, factor: int, shares: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(class ids, class shares) on a grid ``factor`` times coarser: each class's share of every
+    factor x factor block of the one-hot labels (or of their ``shares``), and the class with the
+    largest share (ties to the lower class id)."""
+    targets = _targets(labels, num_classes, shares)
+    batch, rows, cols, _ = targets.shape
+    if rows % factor or cols % factor:
+        raise ValueError(f"a {rows}x{cols} label map does not pool by {factor}")
+    pooled = targets.reshape(batch, rows // factor, factor, cols // factor, factor, num_classes).mean(axis=(2, 4))
+    return jnp.argmax(pooled, axis=-1).astype(labels.dtype), pooled
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net's weights of outputs ordered finest first: 1 / 2**i, normalised to sum to 1
+    (Isensee et al., Nature Methods 2021; nnUNetTrainer._build_loss)."""
+    raw = [0.5**i for i in range(num_outputs)]
+    return [w / sum(raw) for w in raw]
+
+
+def deep_supervision_loss(
+    logits_by_scale: list[jax.Array],
+    labels: jax.Array,
+    class_weights: jax.Array,
+    *,
+    shares: jax.Array | None = None,
+    **loss_weights: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`segmentation_loss` of each output, finest (the network's logits) first, against the
+    targets pooled to its grid, summed with `deep_supervision_weights`.
+
+    Returns the weighted sum and the finest output's parts (so that its logged loss stays
+    comparable with validation's), with the weighted sum as "deep_supervision_loss"; one
+    output is `segmentation_loss` itself.
+    """
+    if len(logits_by_scale) == 1:
+        return segmentation_loss(logits_by_scale[0], labels, class_weights, shares=shares, **loss_weights)
+    total, parts = 0.0, {}
+    for logits, weight in zip(logits_by_scale, deep_supervision_weights(len(logits_by_scale))):
+        factor = labels.shape[1] // logits.shape[1]
+        level_labels, level_shares = labels, shares
+        if factor > 1:
+            level_labels, level_shares = pooled_targets(labels, logits.shape[-1], factor, shares)
+        loss, level_parts = segmentation_loss(
+            logits, level_labels, class_weights, shares=level_shares, **loss_weights
+        )
+        parts = parts or level_parts
+        total = total + weight * loss
+    return total, {**parts, "deep_supervision_loss": total}

@@ -39,7 +39,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 # Fields a resumed run must share with its checkpoint: the network, what it was fed, and which
 # patients it trained on (another split would train on the new split's test patients).
-MODEL_FIELDS = ("features", "se", "se_reduction", "se_aggregation", "se_positions", "upsample")
+MODEL_FIELDS = ("features", "se", "se_reduction", "se_aggregation", "se_positions", "upsample", "deep_supervision")
 DATA_FIELDS = (
     "root", "modality", "sequences", "image_size", "num_folds", "fold", "num_val_patients", "split_seed",
     "max_patients", "synthetic_patients", "synthetic_size", "synthetic_slices", "context_slices",
@@ -47,7 +47,7 @@ DATA_FIELDS = (
 # Training fields that shape the checkpoint (the moving average lives in the optimizer state).
 TRAIN_FIELDS = ("ema_decay",)
 # What a checkpoint saved before a field existed ran with.
-FIELD_DEFAULTS = {"context_slices": 0, "ema_decay": 0.0}
+FIELD_DEFAULTS = {"context_slices": 0, "ema_decay": 0.0, "deep_supervision": False}
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
@@ -59,6 +59,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UN
         se_aggregation=model_config.se_aggregation,
         se_positions=tuple(model_config.se_positions),
         upsample=model_config.upsample,
+        deep_supervision=model_config.get("deep_supervision", False),
         dtype=jnp.dtype(model_config.compute_dtype),
         conv=select_conv3x3(model_config.get("fast_kernel_gradient", True)),
     )

@@ -31,7 +31,7 @@ from scse_jax.data.preprocess import PreparedCase
 from scse_jax.data.run_data import StreamedRunData, plan_run_data
 from scse_jax.errors import ConfigError, RunStopped, TrainingError
 from scse_jax.models.se import AGGREGATIONS
-from scse_jax.models.unet import SE_KINDS, SE_POSITIONS, UPSAMPLINGS, UNet
+from scse_jax.models.unet import DEEP_SUPERVISION, SE_KINDS, SE_POSITIONS, UPSAMPLINGS, UNet, auxiliary_logits
 from scse_jax.prediction import Predictor
 from scse_jax.run_log import RunLog, progress_line
 from scse_jax.state import TrainState, build_model, check_same_run, create_train_state, learning_rate_schedule, make_optimizer
@@ -57,10 +57,11 @@ def train_step(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
             train=True,
-            mutable=["batch_stats"],
+            mutable=["batch_stats", DEEP_SUPERVISION],
         )
-        loss, parts = losses.segmentation_loss(
-            logits, batch["label"], class_weights, shares=batch.get("label_shares"), **loss_weights
+        loss, parts = losses.deep_supervision_loss(
+            [logits, *auxiliary_logits(updates)], batch["label"], class_weights,
+            shares=batch.get("label_shares"), **loss_weights,
         )
         return loss, (parts, updates["batch_stats"])
 

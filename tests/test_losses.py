@@ -1,6 +1,7 @@
 """The loss against a direct numpy computation, and its empty-class behaviour."""
 
 import numpy as np
+import pytest
 import jax.numpy as jnp
 from hypothesis import given, settings, strategies as st
 
@@ -151,3 +152,48 @@ def test_soft_cross_entropy_weighs_each_pixel_by_its_shares_class_weights():
     expected = (2.5 * first + 1.0 * second) / 3.5
     got = float(losses.weighted_cross_entropy(logits, labels, weights, shares=shares))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_pooled_targets_give_each_class_its_share_of_every_block():
+    labels = np.zeros((1, 4, 4), np.int32)
+    labels[0, :2, :2] = 1  # one whole block
+    labels[0, 2, 2] = 2  # a quarter of another
+    labels[0, :2, 2:] = [[1, 2], [2, 2]]  # a block three quarters class 2
+    pooled_labels, shares = losses.pooled_targets(jnp.asarray(labels), 3, 2)
+    np.testing.assert_allclose(shares[0, 0, 0], [0, 1, 0])
+    np.testing.assert_allclose(shares[0, 0, 1], [0, 0.25, 0.75])
+    np.testing.assert_allclose(shares[0, 1, 1], [0.75, 0, 0.25])
+    np.testing.assert_array_equal(pooled_labels[0], [[1, 2], [0, 0]])
+    np.testing.assert_allclose(np.asarray(shares).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_pooled_targets_refuse_a_side_that_does_not_pool():
+    with pytest.raises(ValueError, match="does not pool by 4"):
+        losses.pooled_targets(jnp.zeros((1, 6, 8), jnp.int32), 2, 4)
+
+
+def test_deep_supervision_weights_halve_per_output_and_sum_to_one():
+    assert losses.deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert losses.deep_supervision_weights(1) == [1.0]
+
+
+def test_deep_supervision_loss_weighs_each_output_against_its_pooled_targets():
+    rng = np.random.default_rng(0)
+    labels = jnp.asarray(rng.integers(0, 3, size=(2, 8, 8)), jnp.int32)
+    outputs = [jnp.asarray(rng.normal(size=(2, side, side, 3)), jnp.float32) for side in (8, 4, 2)]
+    weights = jnp.array([1.0, 2.0, 3.0])
+    total, parts = losses.deep_supervision_loss(outputs, labels, weights, boundary_weight=2.0)
+
+    full, full_parts = losses.segmentation_loss(outputs[0], labels, weights, boundary_weight=2.0)
+    expected = 4 / 7 * float(full)
+    for logits, factor, share in zip(outputs[1:], (2, 4), (2 / 7, 1 / 7)):
+        coarse_labels, coarse_shares = losses.pooled_targets(labels, 3, factor)
+        loss, _ = losses.segmentation_loss(logits, coarse_labels, weights, shares=coarse_shares, boundary_weight=2.0)
+        expected += share * float(loss)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["deep_supervision_loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["loss"]) == pytest.approx(float(full_parts["loss"]), rel=1e-6)  # logged: the finest output's
+    # one output is the plain loss, to the bit
+    single, single_parts = losses.deep_supervision_loss(outputs[:1], labels, weights)
+    assert float(single) == float(losses.segmentation_loss(outputs[0], labels, weights)[0])
+    assert "deep_supervision_loss" not in single_parts

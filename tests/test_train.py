@@ -68,6 +68,8 @@ def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
         train.train_and_evaluate(tiny_config(*tiny_data, "--config.model.features=8"), tmp_path / "run")
     with pytest.raises(CheckpointError, match="data.image_size: checkpoint 32 vs config 48"):
         train.train_and_evaluate(tiny_config(*tiny_data, "--config.data.image_size=48"), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="model.deep_supervision: checkpoint False vs config True"):
+        train.train_and_evaluate(tiny_config(*tiny_data, "--config.model.deep_supervision=True"), tmp_path / "run")
 
 
 def test_a_run_with_parameter_averaging_serves_the_average(tiny_data, tmp_path):
@@ -268,6 +270,29 @@ def test_a_run_with_soft_labels_trains_on_the_label_shares(tiny_data, tmp_path, 
     # Traced ahead of the data and again for any batch of another structure: every trace had shares.
     assert train_step_targets and set(train_step_targets) == {(8, 16, 16, 5)}
     assert all(np.isfinite(row["loss"]) for row in read_metrics(tmp_path / "run"))
+
+
+def test_a_run_with_deep_supervision_scores_its_coarse_outputs_and_serves_the_full_size_one(tiny_data, tmp_path, monkeypatch):
+    from scse_jax import losses
+    from scse_jax.inference import Segmenter
+
+    config = tiny_config(*tiny_data, "--config.model.deep_supervision=True")
+    traced_sides = []
+    deep_supervision_loss = losses.deep_supervision_loss
+
+    def recording(logits_by_scale, labels, class_weights, **kwargs):
+        traced_sides.append(tuple(logits.shape[1] for logits in logits_by_scale))
+        return deep_supervision_loss(logits_by_scale, labels, class_weights, **kwargs)
+
+    monkeypatch.setattr(losses, "deep_supervision_loss", recording)
+    train.train_and_evaluate(config, tmp_path / "run")
+    assert traced_sides and set(traced_sides) == {(32, 16, 8)}
+    assert all(np.isfinite(row["loss"]) for row in read_metrics(tmp_path / "run"))
+
+    segmenter = Segmenter.from_checkpoint(tmp_path / "run", which="latest")
+    assert {"dec2_head", "dec3_head"} <= set(segmenter.variables["params"])
+    images = np.zeros((3, 32, 32), np.float32)
+    assert segmenter.segment(images, probabilities=True).shape == (3, 32, 32, 5)
 
 
 WAIT_S = 600  # a guard against a hang only: an event ends the wait below, however slow the first step

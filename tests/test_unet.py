@@ -11,7 +11,9 @@ import pytest
 from scse_jax.models import summary
 from scse_jax.models.cpu_ops import CpuConv3x3
 from scse_jax.models.layers import Conv3x3
-from scse_jax.models.unet import DEFAULT_SE_POSITIONS, SE_KINDS, SE_POSITIONS, UNet, count_params
+from scse_jax.models.unet import (
+    DEEP_SUPERVISION, DEFAULT_SE_POSITIONS, SE_KINDS, SE_POSITIONS, UNet, auxiliary_logits, count_params,
+)
 
 
 def double_conv_params(cin: int, cout: int) -> int:
@@ -332,3 +334,54 @@ def test_unet_defaults_agree_with_the_default_config():
     assert tuple(model.se_positions) == tuple(model_config.se_positions) == summary.REPORT_SE_POSITIONS
     for field in ("features", "se_reduction", "se_aggregation", "upsample"):
         assert getattr(model, field) == model_config[field], field
+
+
+def test_deep_supervision_sows_coarser_logits_and_leaves_the_output_alone():
+    plain = UNet(num_classes=3, features=4, se="scse")
+    supervised = UNet(num_classes=3, features=4, se="scse", deep_supervision=True)
+    variables = random_variables(supervised)
+    del variables[DEEP_SUPERVISION]  # init sows too; the train state keeps params and batch_stats only
+    heads = {"dec2_head": 2 * 4 * 3 + 3, "dec3_head": 4 * 4 * 3 + 3}  # 1x1 convolutions with bias
+    assert set(variables["params"]) - set(random_variables(plain)["params"]) == set(heads)
+    assert count_params(variables["params"]) == count_params(random_variables(plain)["params"]) + sum(heads.values())
+
+    x = image((2, 32, 48, 1))
+    logits, updates = supervised.apply(variables, x, train=True, mutable=["batch_stats", DEEP_SUPERVISION])
+    coarse = auxiliary_logits(updates)
+    assert [c.shape for c in coarse] == [(2, 16, 24, 3), (2, 8, 12, 3)]  # finest first
+    assert all(c.dtype == jnp.float32 for c in coarse)
+    trunk = {**variables, "params": {k: v for k, v in variables["params"].items() if k not in heads}}
+    plain_logits, _ = plain.apply(trunk, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(logits, plain_logits)
+    # inference: the same logits, nothing sown
+    np.testing.assert_array_equal(supervised.apply(variables, x, train=False), plain.apply(trunk, x, train=False))
+    assert auxiliary_logits(plain.apply(trunk, x, train=True, mutable=["batch_stats", DEEP_SUPERVISION])[1]) == []
+
+
+def test_deep_supervision_loss_trains_the_heads_that_the_plain_loss_leaves_alone():
+    from scse_jax import losses
+
+    model = UNet(num_classes=3, features=4, deep_supervision=True)
+    variables = random_variables(model)
+    x = image((2, 32, 32, 1))
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, 3, size=(2, 32, 32)), jnp.int32)
+
+    def head_gradient_norms(deep):
+        def loss(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                mutable=["batch_stats", DEEP_SUPERVISION],
+            )
+            outputs = [logits, *auxiliary_logits(updates)] if deep else [logits]
+            return losses.deep_supervision_loss(outputs, labels, jnp.ones(3))[0]
+
+        grads = jax.grad(loss)(variables["params"])
+        return [float(tree_norm(grads[name])) for name in ("dec2_head", "dec3_head", "head")]
+
+    deep, plain = head_gradient_norms(True), head_gradient_norms(False)
+    assert all(g > 0 for g in deep)
+    assert plain[:2] == [0.0, 0.0] and plain[2] > 0
+
+
+def tree_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(tree)))

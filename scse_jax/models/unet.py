@@ -31,6 +31,10 @@ DEFAULT_SE_POSITIONS = ("encoder", "decoder")
 UPSAMPLINGS = ("bilinear", "transpose")
 DEPTH = 4  # encoder blocks; every input side must be divisible by 2**DEPTH
 BATCH_NORM_MOMENTUM = 0.9
+# With deep supervision, the decoder blocks whose output also gets a 1x1 head (1/2 and 1/4 of the
+# input side). nnU-Net supervises every decoder resolution but the lowest, which here is dec4's.
+DEEP_SUPERVISION_LEVELS = (2, 3)
+DEEP_SUPERVISION = "deep_supervision"  # the variable collection the auxiliary logits are sown into
 
 Dtype = Any
 ModuleDef = Any
@@ -39,6 +43,13 @@ ModuleDef = Any
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree of arrays or jax.ShapeDtypeStruct."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def auxiliary_logits(collections: dict[str, Any]) -> list[jnp.ndarray]:
+    """The deep-supervision logits a train-mode apply sowed (`UNet.deep_supervision`), finest
+    first; empty where the model has none or the collection was not mutable."""
+    sown = collections.get(DEEP_SUPERVISION, {})
+    return [sown[f"dec{level}_logits"][0] for level in DEEP_SUPERVISION_LEVELS if f"dec{level}_logits" in sown]
 
 
 def make_se_block(
@@ -129,6 +140,9 @@ class UNet(nn.Module):
       se_positions: any of "encoder", "bottleneck", "decoder"; by default encoder and decoder,
         the report's placement and configs/default.py's.
       upsample: "bilinear" or "transpose".
+      deep_supervision: also map the outputs of the DEEP_SUPERVISION_LEVELS decoder blocks to
+        logits by 1x1 convolutions and sow them into the DEEP_SUPERVISION collection (read them
+        with `auxiliary_logits`); the returned logits are the same either way.
       dtype: operand dtype of the 3x3 and transposed convolutions (e.g. bfloat16 for GPU tensor
         cores). The 3x3 convolutions accumulate and return float32; the transposed ones (with
         upsample="transpose") return ``dtype``, cast to float32 after that rounding. Everything
@@ -146,6 +160,7 @@ class UNet(nn.Module):
     se_aggregation: str = "max"
     se_positions: Sequence[str] = DEFAULT_SE_POSITIONS
     upsample: str = "bilinear"
+    deep_supervision: bool = False
     dtype: Dtype = jnp.float32
     conv: ModuleDef = Conv3x3
 
@@ -217,6 +232,9 @@ class UNet(nn.Module):
                 x, skips[level - 1], train=train
             )
             x = self._se("decoder", name)(x)
+            if self.deep_supervision and level in DEEP_SUPERVISION_LEVELS:
+                head = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name=f"{name}_head")
+                self.sow(DEEP_SUPERVISION, f"{name}_logits", head(x).astype(jnp.float32))
         logits = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name="head")(x)
         return logits.astype(jnp.float32)
 
