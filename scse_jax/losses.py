@@ -149,6 +149,9 @@ def deep_supervision_loss(
     """`segmentation_loss` of each output, finest (the network's logits) first, against the
     targets pooled to its grid, summed with `deep_supervision_weights`.
 
+    A coarse output's boundary weight (``boundary_weight``) marks the outlines of its pooled
+    class ids, so an outline of the full-size grid can fall inside one of its blocks.
+
     Returns the weighted sum and the finest output's parts (so that its logged loss stays
     comparable with validation's), with the weighted sum as "deep_supervision_loss"; one
     output is `segmentation_loss` itself.

@@ -165,9 +165,10 @@ class RunningLosses:
             return
         fetched = jax.device_get([parts for _, parts in pending])
         for (step, _), parts in zip(pending, fetched):
-            if not np.isfinite(parts["loss"]):
+            optimised = parts.get("deep_supervision_loss", parts["loss"])
+            if not np.isfinite(optimised):
                 raise TrainingError(
-                    f"non-finite loss ({float(parts['loss'])}) at step {step}; the last good checkpoint is kept. "
+                    f"non-finite loss ({float(optimised)}) at step {step}; the last good checkpoint is kept. "
                     "Lower train.learning_rate or check the data."
                 )
             self.loss_sum += float(parts["loss"])

@@ -414,6 +414,8 @@ def test_running_losses_survive_a_checkpoint_and_read_older_ones():
     assert train.RunningLosses.from_meta(None) == train.RunningLosses()
     with pytest.raises(TrainingError, match="non-finite loss .* at step 7"):
         running.absorb([(7, {"loss": float("nan"), "cross_entropy": 0.0, "dice_loss": 0.0})])
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 8"):  # a coarse output's, with deep supervision
+        running.absorb([(8, {"loss": 1.0, "cross_entropy": 0.5, "dice_loss": 0.5, "deep_supervision_loss": float("inf")})])
 
 
 def test_images_per_second_after_a_mid_epoch_resume_counts_only_the_steps_run_since(monkeypatch, capsys):

@@ -340,7 +340,7 @@ def test_deep_supervision_sows_coarser_logits_and_leaves_the_output_alone():
     plain = UNet(num_classes=3, features=4, se="scse")
     supervised = UNet(num_classes=3, features=4, se="scse", deep_supervision=True)
     variables = random_variables(supervised)
-    del variables[DEEP_SUPERVISION]  # init sows too; the train state keeps params and batch_stats only
+    assert DEEP_SUPERVISION in variables  # init sows too; what it sowed must not come back below
     heads = {"dec2_head": 2 * 4 * 3 + 3, "dec3_head": 4 * 4 * 3 + 3}  # 1x1 convolutions with bias
     assert set(variables["params"]) - set(random_variables(plain)["params"]) == set(heads)
     assert count_params(variables["params"]) == count_params(random_variables(plain)["params"]) + sum(heads.values())
@@ -350,7 +350,10 @@ def test_deep_supervision_sows_coarser_logits_and_leaves_the_output_alone():
     coarse = auxiliary_logits(updates)
     assert [c.shape for c in coarse] == [(2, 16, 24, 3), (2, 8, 12, 3)]  # finest first
     assert all(c.dtype == jnp.float32 for c in coarse)
-    trunk = {**variables, "params": {k: v for k, v in variables["params"].items() if k not in heads}}
+    trunk = {
+        "params": {k: v for k, v in variables["params"].items() if k not in heads},
+        "batch_stats": variables["batch_stats"],
+    }
     plain_logits, _ = plain.apply(trunk, x, train=True, mutable=["batch_stats"])
     np.testing.assert_array_equal(logits, plain_logits)
     # inference: the same logits, nothing sown

@@ -49,7 +49,7 @@ def auxiliary_logits(collections: dict[str, Any]) -> list[jnp.ndarray]:
     """The deep-supervision logits a train-mode apply sowed (`UNet.deep_supervision`), finest
     first; empty where the model has none or the collection was not mutable."""
     sown = collections.get(DEEP_SUPERVISION, {})
-    return [sown[f"dec{level}_logits"][0] for level in DEEP_SUPERVISION_LEVELS if f"dec{level}_logits" in sown]
+    return [sown[f"dec{level}_logits"] for level in DEEP_SUPERVISION_LEVELS if f"dec{level}_logits" in sown]
 
 
 def make_se_block(
@@ -234,7 +234,11 @@ class UNet(nn.Module):
             x = self._se("decoder", name)(x)
             if self.deep_supervision and level in DEEP_SUPERVISION_LEVELS:
                 head = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name=f"{name}_head")
-                self.sow(DEEP_SUPERVISION, f"{name}_logits", head(x).astype(jnp.float32))
+                # Kept, not appended: a collection passed in (such as init's) cannot stand in for this call's.
+                self.sow(
+                    DEEP_SUPERVISION, f"{name}_logits", head(x).astype(jnp.float32),
+                    reduce_fn=lambda _, new: new, init_fn=lambda: None,
+                )
         logits = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name="head")(x)
         return logits.astype(jnp.float32)
 
