@@ -75,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Cross-entropy class weights: "inverse_frequency" (the report's), "median_frequency"
     # (QuickNAT's) or "none" (plain cross entropy, as nnU-Net pairs with Dice).
     train.class_weighting = "inverse_frequency"
-    train.boundary_weight = 0.0  # extra weight at label boundaries, x the largest class weight (QuickNAT: 2)
+    # Extra cross-entropy weight at label outlines, x the largest class weight (QuickNAT: 2). Measured,
+    # not adopted by the CPU recipe: docs/results/mr_t2_cpu_boundary_weight_trial.md.
+    train.boundary_weight = 0.0
     train.dice_weight = 1.0  # weight of the soft Dice term
     # Validation, checkpoints' users and inference run an exponential moving average of the
     # parameters with this decay per step (0 = the parameters themselves, as the report); BatchNorm
