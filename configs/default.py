@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.upsample = "bilinear"  # decoder upsampling: "bilinear" or "transpose"
     # Train the outputs of the decoder blocks at 1/2 and 1/4 of the side too, through 1x1 heads,
     # against pooled labels (nnU-Net's deep supervision, losses.deep_supervision_loss); predictions
-    # use the full-resolution output only.
+    # use the full-resolution output only. The CPU recipe's: docs/results/mr_t2_cpu_deep_supervision_trial.md.
     model.deep_supervision = False
     model.compute_dtype = "float32"  # "float32" or "bfloat16" (parameters stay float32)
     # Faster CPU training for more memory (models/cpu_ops.py); a step whose temporaries would not

@@ -82,4 +82,5 @@ def test_the_cpu_recipe_trains_on_every_non_test_patient_and_the_quickstart_vali
 
     recipe = mr_scse_cpu.get_config()
     assert (recipe.data.num_val_patients, recipe.eval.checkpoint) == (0, "latest")
+    assert recipe.model.deep_supervision and not quickstart.get_config().model.deep_supervision
     assert quickstart.get_config().data.num_val_patients == 1
