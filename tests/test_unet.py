@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from scse_jax.models import summary
@@ -379,12 +380,8 @@ def test_deep_supervision_loss_trains_the_heads_that_the_plain_loss_leaves_alone
             return losses.deep_supervision_loss(outputs, labels, jnp.ones(3))[0]
 
         grads = jax.grad(loss)(variables["params"])
-        return [float(tree_norm(grads[name])) for name in ("dec2_head", "dec3_head", "head")]
+        return [float(optax.tree_utils.tree_norm(grads[name])) for name in ("dec2_head", "dec3_head", "head")]
 
     deep, plain = head_gradient_norms(True), head_gradient_norms(False)
     assert all(g > 0 for g in deep)
     assert plain[:2] == [0.0, 0.0] and plain[2] > 0
-
-
-def tree_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(tree)))

@@ -388,8 +388,9 @@ def augment_batch(
     where the batch has them (bilinear, so they still sum to 1); each is a proper similarity
     (positive scale, small rotation), so left stays left and the kidneys keep their sides;
     ``spatial_set`` names its ranges in `SPATIAL_AUGMENTATIONS`. ``intensity_set`` is one of
-    `intensity.INTENSITY_AUGMENTATIONS` ("jitter": contrast and brightness jitter; "nnunet": nnU-Net's intensity transforms; "gin":
-    the jitter, then random-network intensity transforms on half of the examples),
+    `intensity.INTENSITY_AUGMENTATIONS` ("jitter": contrast and brightness jitter; "nnunet":
+    nnU-Net's intensity transforms; "gin": the jitter, then random-network intensity transforms
+    on half of the examples),
     drawn per example; before it, a share ``organ_signal_loss`` of the examples get a dark
     liver, spleen or both (`intensity.organ_signal_loss`). `rng` is one generator for the batch, or one per example (see
     `iterate_batches`).

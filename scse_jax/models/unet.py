@@ -49,7 +49,11 @@ def auxiliary_logits(collections: dict[str, Any]) -> list[jnp.ndarray]:
     """The deep-supervision logits a train-mode apply sowed (`UNet.deep_supervision`), finest
     first; empty where the model has none or the collection was not mutable."""
     sown = collections.get(DEEP_SUPERVISION, {})
-    return [sown[f"dec{level}_logits"] for level in DEEP_SUPERVISION_LEVELS if f"dec{level}_logits" in sown]
+    return [sown[_sown_name(level)] for level in DEEP_SUPERVISION_LEVELS if _sown_name(level) in sown]
+
+
+def _sown_name(level: int) -> str:
+    return f"dec{level}_logits"
 
 
 def make_se_block(
@@ -236,7 +240,7 @@ class UNet(nn.Module):
                 head = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name=f"{name}_head")
                 # Kept, not appended: a collection passed in (such as init's) cannot stand in for this call's.
                 self.sow(
-                    DEEP_SUPERVISION, f"{name}_logits", head(x).astype(jnp.float32),
+                    DEEP_SUPERVISION, _sown_name(level), head(x).astype(jnp.float32),
                     reduce_fn=lambda _, new: new, init_fn=lambda: None,
                 )
         logits = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name="head")(x)
