@@ -90,4 +90,7 @@ def run(argv):
 
 
 if __name__ == "__main__":
+    from scse_jax import hugepages
+
+    hugepages.restart_with_hugepages()
     app.run(run, flags_parser=parse_flags)

@@ -17,9 +17,8 @@ figures at several sizes and batches, each in a fresh process (own compile, own 
 per mode kept alive between turns) alternately with the project's train and inference steps,
 and records both and their ratios; without PyTorch it says so and reports the project alone.
 
-On Linux the benchmark re-executes itself once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-(``--plain-malloc`` turns that off): XLA:CPU allocates every large intermediate afresh, and
-with 4 KiB pages the kernel's page faults cost more than the arithmetic of the cheap layers.
+On Linux the benchmark restarts itself once with malloc huge pages, as launch.py and the
+experiment runner do (``scse_jax/hugepages.py``); ``--plain-malloc`` keeps the plain allocator.
 """
 
 from __future__ import annotations
@@ -47,8 +46,6 @@ TORCH_REFERENCE = Path(__file__).resolve().with_name("torch_reference.py")
 # With --device --compare-torch, JAX's share of the accelerator's memory (its default, 75%,
 # would leave PyTorch's process beside it too little); XLA_PYTHON_CLIENT_MEM_FRACTION overrides.
 SHARED_DEVICE_MEMORY_FRACTION = "0.45"
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-_REEXEC_MARKER = "SCSE_BENCH_REEXECUTED"
 
 # Dense peak TFLOP/s (no sparsity) by device kind substring, first match wins. Sources: NVIDIA
 # H100 Tensor Core GPU datasheet (SXM: 989 bf16, 67 fp32; PCIe: 756 bf16, 51 fp32), NVIDIA
@@ -133,18 +130,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.volume_slices = min(args.volume_slices, 2 * args.batch)
         args.input_batches = min(args.input_batches, 3)
     return args
-
-
-def reexec_with_hugepages(args: argparse.Namespace) -> None:
-    """Restarts this process once with malloc huge pages (a tunable read only at start-up)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if args.plain_malloc or args.device or sys.platform != "linux" or HUGEPAGE_TUNABLE in tunables:
-        return
-    if os.environ.get(_REEXEC_MARKER):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGEPAGE_TUNABLE])))
-    env[_REEXEC_MARKER] = "1"
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -787,10 +772,13 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    reexec_with_hugepages(args)
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from scse_jax import hugepages
+
+    if not (args.plain_malloc or args.device):
+        hugepages.restart_with_hugepages()
     if args.device and args.compare_torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", SHARED_DEVICE_MEMORY_FRACTION)
-    sys.path.insert(0, str(PROJECT_ROOT))
     import jax
 
     # The threefry draws of a jitted init compile for tens of seconds on a small CPU; the

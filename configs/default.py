@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 20  # global batch, split over every device of every host
     train.num_epochs = 20  # epochs to train; a larger value continues a finished run
+    # Batches per epoch: 0 = one pass over the training slices; N > 0 = N batches of fresh shuffles,
+    # so a run's length and schedule do not grow with its patients (nnU-Net's trainer: 250 batches an epoch).
+    train.steps_per_epoch = 0
     train.learning_rate = 0.004  # Adam's initial learning rate
     train.decay_rate = 0.5  # multiplied into the learning rate every decay_epochs
     train.decay_epochs = 4  # epochs between learning-rate decays (staircase)

@@ -437,4 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from scse_jax import hugepages
+
+    hugepages.restart_with_hugepages()
     sys.exit(main())

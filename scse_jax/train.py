@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scse_jax import checkpoint, cpu_layout, evaluate, files, losses, postprocess, sharding
+from scse_jax import checkpoint, cpu_layout, evaluate, files, hugepages, losses, postprocess, sharding
 from scse_jax.compilation import step_compiler_options, step_fits_in_memory
 from scse_jax.data import intensity, pipeline
 from scse_jax.data.preprocess import PreparedCase
@@ -241,6 +241,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     size = config.data.image_size
     need(size >= 16 and size % 16 == 0, "data.image_size", f"{size} must be a positive multiple of 16 (four 2x poolings)")
     need(config.train.num_epochs > 0, "train.num_epochs", f"must be > 0, got {config.train.num_epochs}")
+    fixed_steps = config.train.get("steps_per_epoch", 0)
+    need_int(fixed_steps, "train.steps_per_epoch")
+    need(fixed_steps >= 0, "train.steps_per_epoch", f"must be >= 0 (0: one pass over the slices), got {fixed_steps}")
     need(config.model.features > 0, "model.features", f"must be > 0, got {config.model.features}")
     for field in ("train.batch_size", "eval.batch_size"):
         group, name = field.split(".")
@@ -434,14 +437,16 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
         print(
             f"Training on {jax.device_count()} {jax.default_backend()} device(s) in "
             f"{jax.process_count()} process(es), global batch {config.train.batch_size}",
-            *filter(None, [cpu_layout.startup_note()]),
+            *filter(None, [cpu_layout.startup_note(), hugepages.startup_note()]),
             sep="; ",
             flush=True,
         )
 
     plan = plan_run_data(config)
     class_names = tuple(plan.class_names)
-    steps_per_epoch = pipeline.steps_per_epoch(plan.num_train_slices(), config.train.batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(
+        plan.num_train_slices(), config.train.batch_size, config.train.get("steps_per_epoch", 0)
+    )
 
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -456,7 +461,7 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
         if meta.get("steps_per_epoch") != steps_per_epoch:
             raise ConfigError(
                 f"the run in {workdir} has {meta.get('steps_per_epoch')} steps per epoch, this config "
-                f"{steps_per_epoch}: the data or batch size changed; use another --workdir"
+                f"{steps_per_epoch}: the data, the batch size or train.steps_per_epoch changed; use another --workdir"
             )
 
     tx = make_optimizer(config.train, steps_per_epoch)
@@ -526,6 +531,7 @@ def _train_epoch(
         process_count=jax.process_count(),
         first_step=step - epoch * run.steps_per_epoch,
         order=run.streamed.first_epoch_order() if epoch == 0 else None,
+        num_steps=run.steps_per_epoch,
     )
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     start_step = step

@@ -84,3 +84,11 @@ def test_the_cpu_recipe_trains_on_every_non_test_patient_and_the_quickstart_vali
     assert (recipe.data.num_val_patients, recipe.eval.checkpoint) == (0, "latest")
     assert recipe.model.deep_supervision and not quickstart.get_config().model.deep_supervision
     assert quickstart.get_config().data.num_val_patients == 1
+
+
+def test_the_cpu_recipe_has_fixed_length_epochs_and_the_quickstart_one_pass_epochs():
+    from configs import mr_scse_cpu, mr_unet_cpu, quickstart
+
+    recipe = mr_scse_cpu.get_config()
+    assert recipe.train.steps_per_epoch > 0 and mr_unet_cpu.get_config().train.steps_per_epoch == recipe.train.steps_per_epoch
+    assert quickstart.get_config().train.steps_per_epoch == 0

@@ -104,6 +104,20 @@ def test_augment_batch_refuses_an_unknown_intensity_set():
         augment_batch(_batch(), np.random.default_rng(0), modality="MR", intensity_set="strong")
 
 
+@pytest.mark.parametrize("size, width_in, width_out", [(1, 1, 2), (3, 2, 2), (3, 1, 3), (5, 2, 1)])
+def test_correlate_channels_is_a_zero_padded_correlation_summed_over_input_channels(size, width_in, width_out):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(size * 10 + width_in)
+    x = rng.normal(size=(9, 7, width_in))
+    kernels = rng.normal(size=(width_out, width_in, size, size))
+    expected = np.stack([
+        sum(ndimage.correlate(x[..., i], kernels[o, i], mode="constant") for i in range(width_in))
+        for o in range(width_out)
+    ], axis=-1)
+    np.testing.assert_allclose(intensity.correlate_channels(x, kernels), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_gin_keeps_shape_norm_and_seed_and_can_reverse_which_tissue_is_brighter():
     image = _image(3, (32, 32, 2))
     first = intensity.gin(image, np.random.default_rng(4))

@@ -277,8 +277,92 @@ def test_bad_batch_requests_are_config_errors(kwargs):
 
 def test_steps_per_epoch():
     assert steps_per_epoch(100, 8) == 12
+    assert steps_per_epoch(100, 8, fixed=30) == 30  # a fixed length, more or fewer than one pass
+    assert steps_per_epoch(100, 8, fixed=5) == 5
     with pytest.raises(ConfigError, match="exceeds"):
         steps_per_epoch(3, 8)
+    with pytest.raises(ConfigError, match="exceeds"):
+        steps_per_epoch(3, 8, fixed=5)
+
+
+def tag_with_draw(batch, rngs):
+    """An "augmentation" that records each example's first uniform draw under "draw"."""
+    draws = np.array([generator.uniform() for generator in rngs], np.float32)
+    return dict(batch, draw=draws)
+
+
+def fixed_epoch(dataset, num_steps, **kwargs):
+    common = dict(batch_size=8, epoch=3, seed=5, augment=tag_with_draw)
+    return list(iterate_batches(dataset, **common, num_steps=num_steps, **kwargs))
+
+
+def test_a_fixed_epoch_of_one_pass_is_the_usual_epoch_draws_included():
+    dataset = numbered_dataset(36)  # 4 full batches of 8, 4 examples left over
+    usual = list(iterate_batches(dataset, batch_size=8, epoch=3, seed=5, augment=tag_with_draw))
+    fixed = fixed_epoch(dataset, 4)
+    assert len(fixed) == len(usual) == 4
+    for a, b in zip(usual, fixed):
+        assert example_ids(a) == example_ids(b)
+        np.testing.assert_array_equal(a["draw"], b["draw"])
+
+
+def test_a_fixed_epoch_longer_than_a_pass_sees_every_row_then_reshuffles_with_new_draws():
+    dataset = numbered_dataset(20)
+    batches = fixed_epoch(dataset, 6)  # 48 rows: two passes and 8 rows of a third
+    rows = sum((example_ids(b) for b in batches), [])
+    draws = np.concatenate([b["draw"] for b in batches])
+    assert len(rows) == 48
+    assert sorted(rows[:20]) == sorted(rows[20:40]) == list(range(20))
+    assert rows[:20] != rows[20:40]
+    assert len(set(rows[40:])) == 8
+    first_draw = dict(zip(rows[:20], draws[:20]))
+    second_draw = dict(zip(rows[20:40], draws[20:40]))
+    assert all(first_draw[row] != second_draw[row] for row in range(20))  # a second pass is augmented anew
+
+
+def test_a_fixed_epoch_shorter_than_a_pass_sees_another_part_of_the_data_each_epoch():
+    dataset = numbered_dataset(40)
+    seen = [
+        set(sum((example_ids(b) for b in iterate_batches(dataset, batch_size=8, epoch=epoch, seed=5, num_steps=2)), []))
+        for epoch in (3, 4)
+    ]
+    assert len(seen[0]) == len(seen[1]) == 16
+    assert seen[0] != seen[1]
+
+
+def test_two_processes_split_a_fixed_epoch_of_repeats_as_one_does():
+    dataset = numbered_dataset(12)
+    whole = fixed_epoch(dataset, 4)  # 32 rows over 12 examples: every row two or three times
+    halves = [fixed_epoch(dataset, 4, process_index=i, process_count=2) for i in range(2)]
+    for full, first, second in zip(whole, *halves):
+        assert example_ids(first) + example_ids(second) == example_ids(full)
+        np.testing.assert_array_equal(np.concatenate([first["draw"], second["draw"]]), full["draw"])
+
+
+def test_a_fixed_epoch_resumes_mid_epoch_with_the_same_batches():
+    dataset = numbered_dataset(12)
+    whole = fixed_epoch(dataset, 5)
+    resumed = fixed_epoch(dataset, 5, first_step=3)
+    assert [example_ids(b) for b in resumed] == [example_ids(b) for b in whole[3:]]
+    for a, b in zip(resumed, whole[3:]):
+        np.testing.assert_array_equal(a["draw"], b["draw"])
+
+
+def test_a_fixed_epoch_follows_a_given_first_order_then_reshuffles():
+    dataset = numbered_dataset(16)
+    first = np.arange(16)[::-1]
+    batches = fixed_epoch(dataset, 3, order=first)
+    rows = sum((example_ids(b) for b in batches), [])
+    assert rows[:16] == list(range(15, -1, -1))
+    assert len(set(rows[16:])) == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"num_steps": 0}, {"num_steps": 2, "drop_remainder": False}, {"num_steps": 2, "shuffle": False}]
+)
+def test_bad_fixed_epochs_are_config_errors(kwargs):
+    with pytest.raises(ConfigError, match="num_steps"):
+        list(iterate_batches(numbered_dataset(10), batch_size=4, epoch=0, seed=0, **kwargs))
 
 
 # Augmentation --------------------------------------------------------------------------------

@@ -72,6 +72,22 @@ def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
         train.train_and_evaluate(tiny_config(*tiny_data, "--config.model.deep_supervision=True"), tmp_path / "run")
 
 
+def test_fixed_length_epochs_set_the_run_length_and_the_schedule_whatever_the_slices(tiny_trained_run, tiny_data, tmp_path):
+    one_pass = [r for r in read_metrics(tiny_trained_run[0]) if r["split"] == "train"][0]["step"]
+    fixed = one_pass + 2  # longer than one pass: rows repeat within the epoch
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(
+        tiny_config(*tiny_data, "--config.train.num_epochs=2", f"--config.train.steps_per_epoch={fixed}",
+                    "--config.train.decay_epochs=1", "--config.eval.every_epochs=2"),
+        workdir,
+    )
+    records = [r for r in read_metrics(workdir) if r["split"] == "train"]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, fixed), (2, 2 * fixed)]
+    assert records[1]["learning_rate"] == pytest.approx(records[0]["learning_rate"] / 2)  # halved after `fixed` steps
+    with pytest.raises(ConfigError, match="train.steps_per_epoch changed"):  # resumes only with the same length
+        train.train_and_evaluate(tiny_config(*tiny_data, "--config.train.num_epochs=3"), workdir)
+
+
 def test_a_run_with_parameter_averaging_serves_the_average(tiny_data, tmp_path):
     import ml_collections
 
@@ -132,6 +148,7 @@ def test_schedule_halves_every_four_epochs():
         ("train.decay_rate", -0.5, "train.decay_rate: must be > 0"),
         ("train.ema_decay", 1.0, r"train.ema_decay: must be in \[0, 1\)"),
         ("train.ema_decay", -0.1, r"train.ema_decay: must be in \[0, 1\)"),
+        ("train.steps_per_epoch", -1, "train.steps_per_epoch: must be >= 0"),
         ("eval.every_epochs", 0, "eval.every_epochs: must be > 0"),
         ("model.se", "csse", "none|cse|sse|scse"),
         ("data.intensity_augmentation", "strong", "jitter|nnunet|gin"),

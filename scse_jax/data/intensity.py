@@ -129,15 +129,25 @@ def gin(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         size = GIN_KERNELS[rng.integers(len(GIN_KERNELS))]
         kernels = rng.normal(size=(width_out, width_in, size, size))
         shifts = rng.normal(size=width_out)
-        out = np.empty(x.shape[:2] + (width_out,))
-        for o in range(width_out):
-            out[..., o] = shifts[o] + sum(
-                ndimage.correlate(x[..., i], kernels[o, i], mode="constant") for i in range(width_in)
-            )
+        out = shifts + correlate_channels(x, kernels)
         x = out if layer == GIN_LAYERS - 1 else np.where(out > 0, out, 0.01 * out)
     alpha = rng.uniform()
     mixed = alpha * x + (1 - alpha) * image
     return (mixed * (np.linalg.norm(image) / (np.linalg.norm(mixed) + 1e-5))).astype(np.float32)
+
+
+def correlate_channels(x: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """A convolution layer's correlation, zero-padded to the same size: (rows, cols, in) with
+    (out, in, k, k) kernels, k odd, -> (rows, cols, out); one matrix product per kernel tap."""
+    size = kernels.shape[-1]
+    pad = size // 2
+    padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+    rows, cols = x.shape[:2]
+    out = np.zeros((rows, cols, kernels.shape[0]))
+    for dy in range(size):
+        for dx in range(size):
+            out += padded[dy : dy + rows, dx : dx + cols] @ kernels[:, :, dy, dx].T
+    return out
 
 
 def organ_signal_loss(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:

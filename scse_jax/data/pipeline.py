@@ -273,13 +273,26 @@ def streaming_order(case_lengths: Sequence[int], *, buffer_size: int, seed: int)
     return order
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches per epoch (the remainder is dropped); an error when there are none."""
+def steps_per_epoch(num_examples: int, batch_size: int, fixed: int = 0) -> int:
+    """Batches per epoch: ``fixed`` where it is positive, else the full batches of one pass (the
+    remainder dropped); an error when the examples do not fill one batch."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if num_examples < batch_size:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num_examples} training examples")
-    return num_examples // batch_size
+    return fixed if fixed > 0 else num_examples // batch_size
+
+
+def epoch_order(num_examples: int, num_rows: int, *, seed: int, epoch: int, first: np.ndarray | None = None) -> np.ndarray:
+    """The rows of one epoch's batches, ``num_rows`` of them: ``first`` (by default the epoch's
+    shuffle of every row), then further shuffles, cut to ``num_rows``. An epoch shorter than a
+    pass sees a different part of the data each epoch, a longer one every row more than once.
+    """
+    rng = np.random.default_rng((seed, epoch))
+    parts = [rng.permutation(num_examples) if first is None else np.asarray(first)]
+    while sum(len(part) for part in parts) < num_rows:
+        parts.append(rng.permutation(num_examples))
+    return np.concatenate(parts)[:num_rows]
 
 
 def iterate_batches(
@@ -295,6 +308,7 @@ def iterate_batches(
     process_count: int = 1,
     first_step: int = 0,
     order: np.ndarray | None = None,
+    num_steps: int | None = None,
 ) -> Iterator[Batch]:
     """Yields one epoch of this process's part of each global batch.
 
@@ -307,6 +321,8 @@ def iterate_batches(
     `first_step` skips the epoch's first steps without building them (resuming mid-epoch);
     the batches after it are the same as in an uninterrupted epoch. `order`, a permutation of
     the rows, replaces the shuffle (see `streaming_order`); each batch waits for its rows.
+    `num_steps` fixes the epoch's length in batches (`epoch_order`: more shuffles follow the
+    first where one pass is not enough; a row's second pass in an epoch gets other random draws).
 
     Yields:
       {"image": (B_local, S, S, C) float32, "label": (B_local, S, S) int32}, and
@@ -319,7 +335,12 @@ def iterate_batches(
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
     num_examples = len(dataset)
-    if drop_remainder:
+    fixed_length = num_steps is not None
+    if fixed_length:
+        if num_steps < 1 or not drop_remainder or not shuffle:
+            raise ConfigError(f"num_steps must be positive, with shuffled full batches; got {num_steps}")
+        steps_per_epoch(num_examples, batch_size)  # one full batch at least
+    elif drop_remainder:
         num_steps = steps_per_epoch(num_examples, batch_size)
     elif process_count > 1:
         raise ConfigError("drop_remainder=False is only supported with a single process")
@@ -329,9 +350,10 @@ def iterate_batches(
         order = np.asarray(order)
         if order.shape != (num_examples,):
             raise ConfigError(f"order must hold each of the {num_examples} rows once, got shape {order.shape}")
-    elif shuffle:
-        order = np.random.default_rng((seed, epoch)).permutation(num_examples)
-    else:
+    if shuffle:
+        num_rows = num_steps * batch_size if fixed_length else num_examples
+        order = epoch_order(num_examples, num_rows, seed=seed, epoch=epoch, first=order)
+    elif order is None:
         order = np.arange(num_examples)
     local_size = batch_size // process_count
     if first_step < 0:
@@ -344,7 +366,11 @@ def iterate_batches(
         if dataset.label_shares is not None:
             batch["label_shares"] = dataset.label_shares[rows]
         if augment is not None:
-            batch = augment(batch, [np.random.default_rng((seed, epoch, int(row))) for row in rows])
+            passes = (step * batch_size + process_index * local_size + np.arange(len(rows))) // num_examples
+            batch = augment(batch, [
+                np.random.default_rng((seed, epoch, int(row)) + ((int(again),) if again else ()))
+                for row, again in zip(rows, passes)
+            ])
         yield batch
 
 
