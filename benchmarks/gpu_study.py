@@ -176,7 +176,9 @@ def study_dir(args: argparse.Namespace) -> Path:
 
 def study_overrides(args: argparse.Namespace) -> list[str]:
     data_root = str(args.data.resolve()) if args.data else ""
-    overrides = [f"data.root={data_root}", f"data.cache_dir={args.work / 'data_cache'}"]
+    # An epoch is one pass over the slices here: the CPU recipe's fixed-length epochs are there
+    # to fit a CPU's time limit.
+    overrides = [f"data.root={data_root}", f"data.cache_dir={args.work / 'data_cache'}", "train.steps_per_epoch=0"]
     if args.dry_run:
         overrides += ["data.image_size=32", "train.num_epochs=1", "model.features=4", "train.batch_size=4",
                       "eval.batch_size=4", "eval.num_overlays=1"]

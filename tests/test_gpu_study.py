@@ -183,6 +183,7 @@ def test_commands_of_the_gpu_run_and_of_the_dry_run(gpu_study, tmp_path):
     study = gpu_study.study_command(args)
     assert study[study.index("--folds") + 1] == "5"
     assert {f"--config.data.root={tmp_path.resolve()}", "--config.data.image_size=256", "--config.train.num_epochs=30"} <= set(study)
+    assert "--config.train.steps_per_epoch=0" in study  # an epoch is one pass there, not the CPU recipe's 25 batches
     dry = gpu_study.parse_args([str(tmp_path / "out"), "--dry-run", "--data", str(tmp_path)])
     assert "--config.data.max_patients=4" in gpu_study.study_command(dry) and "--device" not in gpu_study.bench_command(
         dry, "float32", tmp_path / "b.json")
