@@ -153,6 +153,17 @@ def test_summary_command_prints_a_table(capsys):
     assert f"{counts['scse']:,}" in out and "SE after encoder" in out
 
 
+def test_summary_counts_the_deep_supervision_heads_when_asked(capsys):
+    plain = summary.se_param_counts(num_classes=5, features=16)
+    supervised = summary.se_param_counts(num_classes=5, features=16, deep_supervision=True)
+    heads = (32 + 1) * 5 + (64 + 1) * 5  # 1x1 convolutions with bias on dec2 (32 wide) and dec3 (64 wide)
+    assert {kind: supervised[kind] - plain[kind] for kind in plain} == {kind: heads for kind in plain}
+    summary.main(["--features", "16", "--num-classes", "5", "--positions", "encoder", "decoder", "--deep-supervision"])
+    out = capsys.readouterr().out
+    assert "deep supervision" in out
+    assert f"{summary.se_param_counts(num_classes=5, features=16, se_positions=('encoder', 'decoder'), deep_supervision=True)['scse']:,}" in out
+
+
 def test_se_blocks_sit_only_at_the_chosen_positions():
     x = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
 

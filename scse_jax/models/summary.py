@@ -49,8 +49,10 @@ def se_param_counts(
     se_reduction: int = 2,
     se_positions: Sequence[str] = SE_POSITIONS,
     upsample: str = "bilinear",
+    deep_supervision: bool = False,
 ) -> dict[str, int]:
-    """Parameter counts keyed by SE kind ("none", "cse", "sse", "scse")."""
+    """Parameter counts keyed by SE kind ("none", "cse", "sse", "scse"); with
+    ``deep_supervision``, the decoder's 1x1 heads included."""
     return {
         kind: unet_param_count(
             num_classes=num_classes,
@@ -60,6 +62,7 @@ def se_param_counts(
             se_reduction=se_reduction,
             se_positions=tuple(se_positions),
             upsample=upsample,
+            deep_supervision=deep_supervision,
         )
         for kind in SE_KINDS
     }
@@ -82,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reduction", type=int, default=2)
     parser.add_argument("--upsample", choices=UPSAMPLINGS, default="bilinear")
     parser.add_argument(
+        "--deep-supervision", action="store_true", help="count the 1x1 deep-supervision heads (model.deep_supervision)"
+    )
+    parser.add_argument(
         "--positions", nargs="+", choices=SE_POSITIONS, default=None,
         help="where SE blocks go (default: one table for all positions, one for the "
         "report's encoder and decoder only)",
@@ -96,10 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             se_reduction=args.reduction,
             se_positions=positions,
             upsample=args.upsample,
+            deep_supervision=args.deep_supervision,
         )
         print(
             f"UNet features={args.features} classes={args.num_classes} in={args.in_channels} "
-            f"r={args.reduction} upsample={args.upsample}; SE after {', '.join(positions)}"
+            f"r={args.reduction} upsample={args.upsample}{' deep supervision' * args.deep_supervision}; "
+            f"SE after {', '.join(positions)}"
         )
         print(overhead_table(counts), end="\n\n")
 
