@@ -92,5 +92,5 @@ def run(argv):
 if __name__ == "__main__":
     from scse_jax import hugepages
 
-    hugepages.restart_with_hugepages()
+    hugepages.restart_with_hugepages("launch.py")
     app.run(run, flags_parser=parse_flags)

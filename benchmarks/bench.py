@@ -776,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scse_jax import hugepages
 
     if not (args.plain_malloc or args.device):
-        hugepages.restart_with_hugepages()
+        hugepages.restart_with_hugepages("bench.py")
     if args.device and args.compare_torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", SHARED_DEVICE_MEMORY_FRACTION)
     import jax

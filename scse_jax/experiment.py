@@ -21,6 +21,11 @@ as launch.py takes them) apply to every config.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX is imported (below): see scse_jax/hugepages.py
+    from scse_jax import hugepages
+
+    hugepages.restart_with_hugepages("scse_jax.experiment")
+
 import argparse
 import csv
 import json
@@ -437,7 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from scse_jax import hugepages
-
-    hugepages.restart_with_hugepages()
     sys.exit(main())

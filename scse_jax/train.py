@@ -364,6 +364,7 @@ class _Run:
     mesh: jax.sharding.Mesh
     class_names: tuple[str, ...]
     steps_per_epoch: int
+    train_slices: int
     ckpts: checkpoint.Checkpoints
     log: RunLog
     streamed: StreamedRunData
@@ -382,6 +383,7 @@ class _Run:
             "step": step,
             "epoch": step // self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
+            "train_slices": self.train_slices,
             "val_dice": val_dice,
             "partial_epoch": running.as_meta(),
             "class_names": list(self.class_names),
@@ -444,8 +446,9 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
 
     plan = plan_run_data(config)
     class_names = tuple(plan.class_names)
+    train_slices = plan.num_train_slices()
     steps_per_epoch = pipeline.steps_per_epoch(
-        plan.num_train_slices(), config.train.batch_size, config.train.get("steps_per_epoch", 0)
+        train_slices, config.train.batch_size, config.train.get("steps_per_epoch", 0)
     )
 
     try:
@@ -458,11 +461,10 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
     if latest is not None:
         meta = ckpts.restore_meta(latest)
         check_same_run(meta, config, ckpts.directory)
-        if meta.get("steps_per_epoch") != steps_per_epoch:
-            raise ConfigError(
-                f"the run in {workdir} has {meta.get('steps_per_epoch')} steps per epoch, this config "
-                f"{steps_per_epoch}: the data, the batch size or train.steps_per_epoch changed; use another --workdir"
-            )
+        _check_same_epochs(
+            meta, workdir,
+            steps_per_epoch=steps_per_epoch, train_slices=train_slices, batch_size=config.train.batch_size,
+        )
 
     tx = make_optimizer(config.train, steps_per_epoch)
     # Decoding the images (slow on a cold cache) overlaps initialising and compiling the model,
@@ -487,6 +489,7 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
         mesh=mesh,
         class_names=class_names,
         steps_per_epoch=steps_per_epoch,
+        train_slices=train_slices,
         ckpts=ckpts,
         log=log,
         streamed=streamed,
@@ -501,6 +504,23 @@ def _set_up(config, workdir: Path, held: contextlib.ExitStack) -> tuple[_Run, Tr
         schedule=learning_rate_schedule(config.train, steps_per_epoch),
     )
     return run, state, running
+
+
+def _check_same_epochs(meta: dict[str, Any], workdir: Path, **now: int) -> None:
+    """Refuses to resume a run whose epochs would change: their steps, the training slices they
+    draw from or the batch size (with fixed-length epochs the steps alone do not show a change of
+    data). A checkpoint from before "train_slices" was recorded is checked on the other two."""
+    saved = {
+        "steps_per_epoch": meta.get("steps_per_epoch"),
+        "train_slices": meta.get("train_slices", now["train_slices"]),
+        "batch_size": meta.get("config", {}).get("train", {}).get("batch_size", now["batch_size"]),
+    }
+    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved[name] != now[name]]
+    if changed:
+        raise ConfigError(
+            f"the run in {workdir} cannot resume with other epochs ({'; '.join(changed)}): the data, the batch "
+            "size or train.steps_per_epoch changed; use another --workdir"
+        )
 
 
 def _train_epoch(

@@ -25,7 +25,7 @@ def write_tiny_tree(root: Path) -> Path:
 def subprocess_env(devices: int = 1) -> dict[str, str]:
     """One CPU device (unless asked; pinned, so that launch.py's auto layout does not depend on
     the machine's cores), the tests' persistent compilation cache, no GPU probing."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SCSE_PLAIN_MALLOC", "GLIBC_TUNABLES")}
     env.update(
         JAX_PLATFORMS="cpu",
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",

@@ -11,14 +11,18 @@ import pytest
 
 from scse_jax import hugepages
 
+GLIBC = (2, 36)
 
-def test_wanted_on_linux_once_unless_set_or_refused():
-    assert hugepages.wanted({}, platform="linux")
-    assert not hugepages.wanted({}, platform="darwin")
-    assert not hugepages.wanted({"GLIBC_TUNABLES": hugepages.TUNABLE}, platform="linux")
-    assert not hugepages.wanted({hugepages.PLAIN_MALLOC: "1"}, platform="linux")
-    assert not hugepages.wanted(hugepages.restart_environment({}), platform="linux")  # restarted already
-    assert hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, platform="linux")
+
+def test_wanted_on_a_recent_glibc_unless_set_or_refused():
+    assert hugepages.wanted({}, glibc=GLIBC)
+    assert hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, glibc=GLIBC)
+    assert hugepages.wanted({hugepages.PLAIN_MALLOC: "0"}, glibc=GLIBC)
+    assert not hugepages.wanted({}, glibc=None)  # not glibc (macOS, musl)
+    assert not hugepages.wanted({}, glibc=(2, 31))  # no such tunable yet
+    assert not hugepages.wanted(hugepages.restart_environment({}), glibc=GLIBC)  # restarted already
+    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc=GLIBC)  # the user's own choice
+    assert not hugepages.wanted({hugepages.PLAIN_MALLOC: "yes"}, glibc=GLIBC)
 
 
 def test_the_restart_environment_keeps_the_tunables_already_there():
@@ -28,12 +32,30 @@ def test_the_restart_environment_keeps_the_tunables_already_there():
     assert hugepages.restart_environment({})["GLIBC_TUNABLES"] == hugepages.TUNABLE
 
 
+@pytest.mark.parametrize(
+    "arguments, entry, expected",
+    [
+        (["launch.py", "--config", "c.py"], "launch.py", True),
+        (["-u", "./launch.py"], "launch.py", True),
+        (["-X", "importtime", "/repo/launch.py"], "launch.py", True),
+        (["-m", "scse_jax.experiment", "--out", "x"], "scse_jax.experiment", True),
+        (["-m", "tests._pause", "step:1", "m", "launch.py"], "launch.py", False),  # a harness running it inside
+        (["-m", "ipykernel_launcher", "-f", "k.json"], "launch.py", False),  # a notebook's %run
+        (["-m", "pdb", "launch.py"], "launch.py", False),
+        (["-c", "import launch"], "launch.py", False),
+        ([], "launch.py", False),
+    ],
+)
+def test_only_a_process_started_as_the_entry_restarts(arguments, entry, expected):
+    assert hugepages.started_as(entry, arguments) is expected
+
+
 SCRIPT = textwrap.dedent(
     """
     import os, sys
     print("start", os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES", ""), flush=True)
     from scse_jax import hugepages
-    hugepages.restart_with_hugepages()
+    hugepages.restart_with_hugepages("restart.py")
     print("running", hugepages.startup_note(), flush=True)
     """
 )
@@ -49,7 +71,7 @@ def run_script(tmp_path, **extra_env):
     return done.stdout.splitlines()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux's")
+@pytest.mark.skipif(not hugepages.wanted({}), reason="needs glibc 2.35 or newer")
 def test_a_process_restarts_once_with_the_same_pid_and_arguments(tmp_path):
     first, second, running = run_script(tmp_path, GLIBC_TUNABLES="glibc.malloc.arena_max=2")
     assert first.split()[:2] == second.split()[:2]  # the same PID: exec, not a child

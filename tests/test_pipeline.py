@@ -607,6 +607,24 @@ def test_batches_of_a_streamed_dataset_wait_only_for_their_own_rows():
     np.testing.assert_array_equal(dataset.labels[:, 0, 0], [0] * 4 + [4] * 4 + [3] * 4)
 
 
+def test_a_fixed_epoch_longer_than_a_pass_streams_its_first_pass_then_reshuffles_every_row():
+    dataset = StreamedSliceDataset(8, 8)
+    cases = [prepared("a", 4, offset=0.0), prepared("b", 4, offset=4.0)]
+    order = streaming_order([4, 4], buffer_size=2, seed=0)
+    batches = iterate_batches(dataset, batch_size=4, epoch=0, seed=0, order=order, num_steps=3)
+    dataset.append_case(cases[0])
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(batches))
+    reader.start()
+    reader.join(timeout=0.5)
+    assert reader.is_alive()  # waiting for case "b"
+    dataset.append_case(cases[1])
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    ids = sum((example_ids(b) for b in got), [])
+    assert ids[:8] == order.tolist() and len(set(ids[8:])) == 4
+
+
 def test_a_failed_producer_reaches_the_waiting_reader():
     dataset = WatchedDataset(8, 8)
     dataset.append_case(prepared("a", 4))

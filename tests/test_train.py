@@ -72,7 +72,7 @@ def test_resume_refuses_another_model(tiny_trained_run, tiny_data, tmp_path):
         train.train_and_evaluate(tiny_config(*tiny_data, "--config.model.deep_supervision=True"), tmp_path / "run")
 
 
-def test_fixed_length_epochs_set_the_run_length_and_the_schedule_whatever_the_slices(tiny_trained_run, tiny_data, tmp_path):
+def test_fixed_length_epochs_set_the_run_length_and_the_schedule(tiny_trained_run, tiny_data, tmp_path):
     one_pass = [r for r in read_metrics(tiny_trained_run[0]) if r["split"] == "train"][0]["step"]
     fixed = one_pass + 2  # longer than one pass: rows repeat within the epoch
     workdir = tmp_path / "run"
@@ -84,8 +84,14 @@ def test_fixed_length_epochs_set_the_run_length_and_the_schedule_whatever_the_sl
     records = [r for r in read_metrics(workdir) if r["split"] == "train"]
     assert [(r["epoch"], r["step"]) for r in records] == [(1, fixed), (2, 2 * fixed)]
     assert records[1]["learning_rate"] == pytest.approx(records[0]["learning_rate"] / 2)  # halved after `fixed` steps
-    with pytest.raises(ConfigError, match="train.steps_per_epoch changed"):  # resumes only with the same length
+    with pytest.raises(ConfigError, match=f"steps_per_epoch {fixed} -> {one_pass}"):  # only with the same length
         train.train_and_evaluate(tiny_config(*tiny_data, "--config.train.num_epochs=3"), workdir)
+    with pytest.raises(ConfigError, match="batch_size 8 -> 16"):  # the same length, but other batches
+        train.train_and_evaluate(
+            tiny_config(*tiny_data, "--config.train.num_epochs=3", f"--config.train.steps_per_epoch={fixed}",
+                        "--config.train.batch_size=16", "--config.eval.batch_size=16"),
+            workdir,
+        )
 
 
 def test_a_run_with_parameter_averaging_serves_the_average(tiny_data, tmp_path):
