@@ -13,7 +13,7 @@ it is trained on (docs/results/mr_t2_cpu_study_12train.md), and the run ends by 
 `evaluate --split test` command for its held-out patients; and nnU-Net's deep supervision,
 which lifted the held-out patients' mean Dice, the left kidney's most
 (docs/results/mr_t2_cpu_deep_supervision_trial.md); and epochs of a fixed 25 batches, so that
-a run on 15 patients ends within 20 minutes on a 2-core CPU and does not grow with the number of
+a run ends within 20 minutes on a slower 2-core CPU too and does not grow with the number of
 patients (docs/results/recipe/fixed_epoch_rule.md). The plain U-Net twin is
 configs/mr_unet_cpu.py.
 """
