@@ -130,10 +130,14 @@ def test_both_processes_end_with_the_same_parameters(runs):
 def test_two_processes_validate_as_one_process_with_the_same_global_batch(runs):
     two, one = val_records(runs["workdir"]), val_records(runs["reference"])
     assert [r["epoch"] for r in two] == [r["epoch"] for r in one] == list(range(1, EPOCHS + 1))
+    # The pair sums its gradients in another order (gloo's all-reduce), so its parameters differ
+    # from the single process's in their last bits: the validation loss agrees to 1e-4, but the
+    # thresholded masks of a barely trained model can flip a few pixels (seen on a 2-core EPYC),
+    # so the Dice is compared to 1e-3.
     for multi, single in zip(two, one):
-        assert multi["dice_mean"] == pytest.approx(single["dice_mean"], abs=1e-4)
-        assert multi["dice"] == pytest.approx(single["dice"], abs=1e-4)
         assert multi["loss"] == pytest.approx(single["loss"], rel=1e-4)
+        assert multi["dice_mean"] == pytest.approx(single["dice_mean"], abs=1e-3)
+        assert multi["dice"] == pytest.approx(single["dice"], abs=1e-3)
 
 
 @pytest.mark.slow
