@@ -58,3 +58,11 @@ def test_a_second_publication_keeps_the_header_and_replaces_the_report(tmp_path)
 def test_a_study_without_its_report_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--report-only"):
         publish_study.publish(tmp_path, "trial", tmp_path)
+
+
+def test_replacements_rewrite_the_reports_paths(tmp_path):
+    study = fake_study(tmp_path / "study", f"Reproduce: `--out {tmp_path}/study --config.data.root=/data/mr`\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    publish_study.publish(study, "trial", results, replace={f"{tmp_path}/study": "runs/trial", "/data": "../shared/data"})
+    assert (results / "trial.md").read_text().endswith("`--out runs/trial --config.data.root=../shared/data/mr`\n")
