@@ -5,8 +5,9 @@
 configs/mr_scse_cpu.py with a batch of 4, so that the phantoms' five training patients still
 give 20 Adam steps an epoch (one pass over their slices), for 16 epochs; one validation
 patient, whose Dice the run prints each epoch; and the plain contrast jitter and no deep
-supervision, with which the README's quick-start figures were measured: the phantoms share one synthetic intensity model, and GIN
-is there for the intensity differences between real scanners and patients.
+supervision, with which the README's quick-start figures were measured: the phantoms share one
+synthetic intensity model, and GIN is there for the intensity differences between real scanners
+and patients.
 Phantoms are far easier than real abdomens: the Dice it ends with shows that the pipeline
 learns, not how well the model segments patients (docs/results/ has that).
 """

@@ -1,7 +1,8 @@
 """Restarts a process once with glibc's malloc on huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).
 
 XLA:CPU allocates every large intermediate afresh, and with 4 KiB pages the kernel's page faults
-cost more than the arithmetic of the U-Net's cheap layers (benchmarks/README.md). glibc reads its
+cost more than the arithmetic of the U-Net's cheap layers (`bench.py --plain-malloc` measures
+the difference on a machine). glibc reads its
 tunables only when a process starts, so the commands that train or time the network (launch.py,
 ``python -m scse_jax.experiment``, benchmarks/bench.py) call `restart_with_hugepages` first,
 before JAX is imported. ``SCSE_PLAIN_MALLOC=1`` keeps the plain allocator, and a

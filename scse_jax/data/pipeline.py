@@ -283,7 +283,9 @@ def steps_per_epoch(num_examples: int, batch_size: int, fixed: int = 0) -> int:
     return fixed if fixed > 0 else num_examples // batch_size
 
 
-def epoch_order(num_examples: int, num_rows: int, *, seed: int, epoch: int, first: np.ndarray | None = None) -> np.ndarray:
+def epoch_order(
+    num_examples: int, num_rows: int, *, seed: int, epoch: int, first: np.ndarray | None = None
+) -> np.ndarray:
     """The rows of one epoch's batches, ``num_rows`` of them: ``first`` (by default the epoch's
     shuffle of every row), then further shuffles, cut to ``num_rows``. An epoch shorter than a
     pass sees a different part of the data each epoch, a longer one every row more than once.
