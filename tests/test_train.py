@@ -94,6 +94,15 @@ def test_fixed_length_epochs_set_the_run_length_and_the_schedule(tiny_trained_ru
         )
 
 
+def test_resuming_with_other_training_slices_is_refused_even_where_the_epoch_length_is_fixed(tmp_path):
+    meta = {"steps_per_epoch": 25, "train_slices": 420, "config": {"train": {"batch_size": 10}}}
+    train._check_same_epochs(meta, tmp_path, steps_per_epoch=25, train_slices=420, batch_size=10)
+    with pytest.raises(ConfigError, match="train_slices 420 -> 533"):  # patients added to the data folder
+        train._check_same_epochs(meta, tmp_path, steps_per_epoch=25, train_slices=533, batch_size=10)
+    older = {"steps_per_epoch": 42, "config": {"train": {"batch_size": 10}}}  # saved before train_slices was
+    train._check_same_epochs(older, tmp_path, steps_per_epoch=42, train_slices=420, batch_size=10)
+
+
 def test_a_run_with_parameter_averaging_serves_the_average(tiny_data, tmp_path):
     import ml_collections
 
