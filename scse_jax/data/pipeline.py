@@ -341,7 +341,7 @@ def iterate_batches(
     if fixed_length:
         if num_steps < 1 or not drop_remainder or not shuffle:
             raise ConfigError(f"num_steps must be positive, with shuffled full batches; got {num_steps}")
-        steps_per_epoch(num_examples, batch_size)  # one full batch at least
+        num_steps = steps_per_epoch(num_examples, batch_size, num_steps)
     elif drop_remainder:
         num_steps = steps_per_epoch(num_examples, batch_size)
     elif process_count > 1:
