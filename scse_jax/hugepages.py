@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -30,12 +30,10 @@ def glibc_version() -> tuple[int, ...] | None:
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) if name == "glibc" else None
 
 
-def wanted(environ: dict[str, str] | None = None, *, glibc: tuple[int, ...] | None = ()) -> bool:
-    """Whether a process with ``environ`` should restart with the tunable: on glibc 2.35 or newer,
-    unless SCSE_PLAIN_MALLOC asks for the plain allocator or a hugetlb tunable is set already
-    (the restart's own, or the user's)."""
-    environ = os.environ if environ is None else environ
-    glibc = glibc_version() if glibc == () else glibc
+def wanted(environ: Mapping[str, str], glibc: tuple[int, ...] | None) -> bool:
+    """Whether a process with ``environ`` on ``glibc`` (`glibc_version`) should restart with the
+    tunable: on glibc 2.35 or newer, unless SCSE_PLAIN_MALLOC asks for the plain allocator or a
+    hugetlb tunable is set already (the restart's own, or the user's)."""
     return (
         glibc is not None
         and glibc >= MINIMUM_GLIBC
@@ -71,7 +69,7 @@ def started_as(entry: str, arguments: Sequence[str]) -> bool:
 def restart_with_hugepages(entry: str) -> None:
     """Replaces this process (same PID, arguments and interpreter) by one with the tunable, where
     `wanted` says so and the process was started as ``entry`` (see `started_as`)."""
-    if wanted() and started_as(entry, sys.orig_argv[1:]):
+    if wanted(os.environ, glibc_version()) and started_as(entry, sys.orig_argv[1:]):
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], restart_environment(dict(os.environ)))

@@ -15,14 +15,14 @@ GLIBC = (2, 36)
 
 
 def test_wanted_on_a_recent_glibc_unless_set_or_refused():
-    assert hugepages.wanted({}, glibc=GLIBC)
-    assert hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, glibc=GLIBC)
-    assert hugepages.wanted({hugepages.PLAIN_MALLOC: "0"}, glibc=GLIBC)
-    assert not hugepages.wanted({}, glibc=None)  # not glibc (macOS, musl)
-    assert not hugepages.wanted({}, glibc=(2, 31))  # no such tunable yet
-    assert not hugepages.wanted(hugepages.restart_environment({}), glibc=GLIBC)  # restarted already
-    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc=GLIBC)  # the user's own choice
-    assert not hugepages.wanted({hugepages.PLAIN_MALLOC: "yes"}, glibc=GLIBC)
+    assert hugepages.wanted({}, GLIBC)
+    assert hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC)
+    assert hugepages.wanted({hugepages.PLAIN_MALLOC: "0"}, GLIBC)
+    assert not hugepages.wanted({}, None)  # not glibc (macOS, musl)
+    assert not hugepages.wanted({}, (2, 31))  # no such tunable yet
+    assert not hugepages.wanted(hugepages.restart_environment({}), GLIBC)  # restarted already
+    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC)  # the user's own choice
+    assert not hugepages.wanted({hugepages.PLAIN_MALLOC: "yes"}, GLIBC)
 
 
 def test_the_restart_environment_keeps_the_tunables_already_there():
@@ -71,7 +71,7 @@ def run_script(tmp_path, **extra_env):
     return done.stdout.splitlines()
 
 
-@pytest.mark.skipif(not hugepages.wanted({}), reason="needs glibc 2.35 or newer")
+@pytest.mark.skipif(not hugepages.wanted({}, hugepages.glibc_version()), reason="needs glibc 2.35 or newer")
 def test_a_process_restarts_once_with_the_same_pid_and_arguments(tmp_path):
     first, second, running = run_script(tmp_path, GLIBC_TUNABLES="glibc.malloc.arena_max=2")
     assert first.split()[:2] == second.split()[:2]  # the same PID: exec, not a child
